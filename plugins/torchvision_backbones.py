@@ -1,0 +1,123 @@
+"""torchvision backbones, loaded through torchvision's own weights API (torch hub cache) or ``--weights PATH``."""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torchvision
+from torch import nn
+
+import tlfx
+from tlfx.backbone import Backbone, Preprocess, WeightsInfo, apply_state_dict, file_sha256, load_state_dict_file
+from tlfx.errors import TlfxError
+
+ARCHS = {
+    "alexnet": "AlexNet (2012), 4096-d fc7 embedding",
+    "vgg16": "VGG-16, 4096-d fc7 embedding",
+    "vgg19": "VGG-19, 4096-d fc7 embedding",
+    "resnet18": "ResNet-18, 512-d",
+    "resnet34": "ResNet-34, 512-d",
+    "resnet50": "ResNet-50, 2048-d",
+    "resnet101": "ResNet-101, 2048-d",
+    "densenet121": "DenseNet-121, 1024-d",
+    "mobilenet_v3_large": "MobileNetV3-Large, 1280-d",
+    "mobilenet_v3_small": "MobileNetV3-Small, 1024-d",
+    "efficientnet_b0": "EfficientNet-B0, 1280-d",
+    "convnext_tiny": "ConvNeXt-Tiny, 768-d",
+}
+
+
+def default_weights(arch: str):
+    try:
+        return torchvision.models.get_model_weights(arch).DEFAULT
+    except (ValueError, KeyError):
+        raise TlfxError(f"torchvision has no model {arch!r}; see torchvision.models.list_models()") from None
+
+
+def hub_checkpoint_path(arch: str) -> str:
+    """Where torchvision's weights API looks for (and would download) the default weights of ``arch``."""
+    url = default_weights(arch).url
+    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+
+
+def weights_available(arch: str):
+    path = hub_checkpoint_path(arch)
+    if os.path.isfile(path):
+        return True, path
+    return False, f"place {os.path.basename(path)} in {os.path.dirname(path)} (or pass --weights PATH)"
+
+
+def preprocess_from_weights(weights) -> Preprocess:
+    t = weights.transforms()
+    resize = t.resize_size[0] if isinstance(t.resize_size, (list, tuple)) else t.resize_size
+    crop = t.crop_size[0] if isinstance(t.crop_size, (list, tuple)) else t.crop_size
+    interp = getattr(t.interpolation, "value", str(t.interpolation))
+    return Preprocess(int(resize), int(crop), tuple(t.mean), tuple(t.std), str(interp))
+
+
+def stage_names(model: nn.Module) -> list[str]:
+    """Module names of the ends of the network's stages (outputs just before each downsampling, and the last)."""
+    if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
+        return [f"layer{i}" for i in range(1, 5)]
+    features = getattr(model, "features", None)
+    if not isinstance(features, nn.Sequential):
+        return []
+    sizes = []
+    hooks = [c.register_forward_hook(lambda m, a, o: sizes.append(o.shape[-1])) for c in features]
+    with torch.inference_mode():
+        model.eval()(torch.zeros(1, 3, 96, 96))
+    for h in hooks:
+        h.remove()
+    n = len(sizes)
+    return [f"features.{i}" for i in range(n) if i == n - 1 or sizes[i + 1] < sizes[i]]
+
+
+def last_linear(model: nn.Module) -> str:
+    return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
+
+
+def build(arch: str, weights: str | None = None) -> Backbone:
+    meta = default_weights(arch)
+    if weights == "none":
+        model = torchvision.models.get_model(arch, weights=None)
+        info = WeightsInfo("random-init")
+    elif weights:
+        model = torchvision.models.get_model(arch, weights=None)
+        apply_state_dict(model, load_state_dict_file(weights), weights)
+        info = WeightsInfo(os.path.basename(weights), file_sha256(weights), os.path.abspath(weights))
+    else:
+        ok, where = weights_available(arch)
+        if not ok:
+            raise TlfxError(f"pretrained weights for {arch!r} are not available offline: {where}")
+        model = torchvision.models.get_model(arch, weights=meta)
+        path = hub_checkpoint_path(arch)
+        info = WeightsInfo(str(meta), file_sha256(path), path)
+    return Backbone(
+        name=arch,
+        module=model,
+        preprocess=preprocess_from_weights(meta),
+        weights=info,
+        stages=stage_names(model),
+        classifier=last_linear(model),
+    )
+
+
+def _factory(arch):
+    def factory(weights=None, **options):
+        return build(arch, weights)
+
+    return factory
+
+
+def _any_factory(weights=None, model=None, **options):
+    return build(model, weights)
+
+
+@tlfx.hookimpl
+def register_backbones(register):
+    for arch, desc in ARCHS.items():
+        register(arch, _factory(arch), description=f"torchvision {desc}",
+                 weights_available=(lambda a=arch: weights_available(a)))
+    register("torchvision", _any_factory, description="any torchvision classification model: torchvision:<name>",
+             takes_argument=True)

@@ -1,0 +1,78 @@
+"""Shared fixtures: real data (Fashion-MNIST IDX files, scikit-learn digits), real backbones, real HDF5 stores."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+FASHION_DIR = "/usr/share/datasets/fashion-mnist"
+
+needs_fashion = pytest.mark.skipif(
+    not os.path.isfile(os.path.join(FASHION_DIR, "t10k-images-idx3-ubyte.gz")),
+    reason="Fashion-MNIST IDX files missing: apt-get install dataset-fashion-mnist (.ci/run does)",
+)
+
+
+def run_cli(*args, env=None, cwd=None, check=False):
+    """Run the real ``tlfx`` console entry point in a subprocess; returns CompletedProcess (text)."""
+    full_env = {**os.environ, **(env or {})}
+    proc = subprocess.run([sys.executable, "-m", "tlfx.cli", *map(str, args)], capture_output=True, text=True,
+                          env=full_env, cwd=cwd, timeout=900)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"tlfx {' '.join(map(str, args))} failed ({proc.returncode}):\n{proc.stderr}")
+    return proc
+
+
+@pytest.fixture(scope="session")
+def lite0():
+    import tlfx
+
+    return tlfx.create_backbone("efficientnet_lite0")
+
+
+@pytest.fixture(scope="session")
+def digits_stores(tmp_path_factory):
+    """Small real stores: scikit-learn digits train/test through efficientnet_lite0 at 64 px."""
+    import tlfx
+
+    d = tmp_path_factory.mktemp("digits_stores")
+    tr = tlfx.extract("efficientnet_lite0", "digits", str(d / "train.h5"), split="train", image_size=64, limit=600)
+    te = tlfx.extract("efficientnet_lite0", "digits", str(d / "test.h5"), split="test", image_size=64, limit=200)
+    return tr.path, te.path
+
+
+@pytest.fixture(scope="session")
+def fashion_png_dir(tmp_path_factory):
+    """A real image folder: 10 classes x 6 Fashion-MNIST images as PNG and JPEG, mixed sizes and modes."""
+    from plugins.datasets import fashion_mnist
+
+    ds = fashion_mnist(None, split="test")
+    root = tmp_path_factory.mktemp("fashion_imgs")
+    counts = {}
+    for i in range(len(ds)):
+        c = int(ds.labels[i])
+        if counts.get(c, 0) >= 6:
+            continue
+        k = counts[c] = counts.get(c, 0) + 1
+        cls_dir = root / ds.class_names[c].replace("/", "-")
+        cls_dir.mkdir(exist_ok=True)
+        img = Image.fromarray(ds.images[i], "L")
+        if k % 3 == 0:
+            img.convert("RGB").resize((96, 96)).save(cls_dir / f"{i}.jpg", quality=92)
+        elif k % 3 == 1:
+            img.save(cls_dir / f"{i}.png")
+        else:
+            img.convert("RGBA").resize((50, 40)).save(cls_dir / f"{i}.png")
+        if len(counts) == 10 and all(v >= 6 for v in counts.values()):
+            break
+    return root
+
+
+def rng_images(n, size=32, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 255, (n, size, size, 3), dtype=np.uint8)

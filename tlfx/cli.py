@@ -1,0 +1,91 @@
+"""The ``tlfx`` command line. Core commands live in :mod:`tlfx.commands`; plugins add theirs via ``register_commands``."""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import click
+
+from . import __version__
+from .errors import TlfxError
+from .plugins import PLUGINS_DIR_ENV, get_plugin_manager
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+@click.version_option(__version__, prog_name="tlfx")
+@click.option("--plugins-dir", multiple=True, metavar="DIR",
+              help=f"Also load every *.py in DIR as a plugin (development). Same as {PLUGINS_DIR_ENV}.")
+def cli(plugins_dir):
+    """tlfx: frozen-backbone features cached in HDF5, heads trained in seconds, compared with a fine-tune.
+
+    \b
+    Examples:
+      tlfx demo                                   # the whole default job, offline, on the CPU
+      tlfx extract --backbone efficientnet_lite0 --data fashion-mnist --split test --limit 2000 --out t.h5
+      tlfx info t.h5
+      tlfx fit --features train.h5 --head svm --out svm.tlfx
+      tlfx evaluate --model svm.tlfx --features t.h5
+    """
+
+
+def _register_core_commands():
+    from .commands import ALL
+
+    for cmd in ALL:
+        cli.add_command(cmd)
+
+
+def _plugins_dirs_from_argv(argv):
+    dirs = []
+    for i, a in enumerate(argv):
+        if a == "--plugins-dir" and i + 1 < len(argv):
+            dirs.append(argv[i + 1])
+        elif a.startswith("--plugins-dir="):
+            dirs.append(a.split("=", 1)[1])
+    return dirs
+
+
+def build_cli(argv=None):
+    dirs = _plugins_dirs_from_argv(argv if argv is not None else sys.argv[1:])
+    if dirs:
+        os.environ[PLUGINS_DIR_ENV] = os.pathsep.join(filter(None, [*dirs, os.environ.get(PLUGINS_DIR_ENV, "")]))
+    if not cli.commands:
+        _register_core_commands()
+        get_plugin_manager().add_commands(cli)
+    return cli
+
+
+def main(argv=None):
+    """Entry point: one clear line and exit code 2 for bad input; no traceback unless TLFX_DEBUG=1."""
+    try:
+        group = build_cli(argv)
+        group.main(args=argv, prog_name="tlfx", standalone_mode=False)
+    except click.exceptions.Abort:
+        click.echo("interrupted; run the same command again to resume", err=True)
+        sys.exit(130)
+    except KeyboardInterrupt:
+        click.echo("interrupted; run the same command again to resume", err=True)
+        sys.exit(130)
+    except click.ClickException as exc:
+        click.echo(f"error: {exc.format_message()}" if isinstance(exc, TlfxError) else _click_line(exc), err=True)
+        sys.exit(exc.exit_code)
+    except click.exceptions.Exit as exc:
+        sys.exit(exc.exit_code)
+    except Exception as exc:
+        if os.environ.get("TLFX_DEBUG") == "1":
+            raise
+        click.echo(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                   f"(set TLFX_DEBUG=1 for the traceback)", err=True)
+        sys.exit(1)
+    sys.exit(0)
+
+
+def _click_line(exc: click.ClickException) -> str:
+    ctx = getattr(exc, "ctx", None)
+    usage = f" (see '{ctx.command_path} --help')" if ctx is not None else ""
+    return f"error: {exc.format_message()}{usage}"
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,41 @@
+import click
+
+from ._options import backbone_options, data_options, runtime_options
+
+
+@click.command()
+@backbone_options
+@data_options
+@runtime_options
+@click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HDF5 store to write (or resume).")
+@click.option("--batch-size", type=int, default=64, show_default=True)
+@click.option("--workers", type=int, default=None, help="Decoding worker processes (default: cores - 1).")
+@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+              help="Stored feature type (compute precision is --precision).")
+@click.option("--part-size", type=int, default=None, help="Items per durable part (default ~2048).")
+@click.option("--overwrite", is_flag=True, help="Replace an existing store made with another configuration.")
+@click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
+@click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (see docs/performance.md).")
+@click.option("--quiet", is_flag=True, help="No progress bar.")
+def extract(backbone, layers, pooling, image_size, weights, data, split, root, limit, precision, device, out,
+            batch_size, workers, dtype, part_size, overwrite, strict, compile_, quiet):
+    """Run a frozen backbone once over a dataset and cache its features in an HDF5 store.
+
+    An interrupted run resumes when the same command is run again.
+
+    \b
+    Examples:
+      tlfx extract --data fashion-mnist --split test --limit 2000 --out t.h5
+      tlfx extract --backbone resnet18 --data imagefolder:photos --layers multi --out photos.h5
+      tlfx extract --backbone vgg16 --weights vgg16.pth --data csv:labels.csv --split train --out tr.h5
+    """
+    from .. import extract as run
+
+    res = run(backbone, data, out, split=split, root=root, limit=limit, layers=layers, pooling=pooling,
+              image_size=image_size, weights=weights, batch_size=batch_size, workers=workers, precision=precision,
+              device=device, dtype=dtype, part_size=part_size, overwrite=overwrite, strict=strict,
+              compile=compile_, progress=not quiet)
+    click.echo(res.summary())
+
+
+COMMANDS = [extract]

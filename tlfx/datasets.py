@@ -1,0 +1,139 @@
+"""Datasets: labelled lists of images addressed by a data spec ``NAME[:ARG]`` (``imagefolder:DIR``, ``digits``...)."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+
+import numpy as np
+from PIL import Image
+
+from .errors import TlfxError
+from .images import open_image
+from .plugins import registry
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
+
+
+class ImageDataset:
+    """Base class for dataset plugins.
+
+    Subclasses set ``ids`` (list of str: relative path or index), ``labels`` (int64 array, -1 if unlabeled),
+    ``class_names`` (list of str, index = label) and implement :meth:`load`.
+    """
+
+    spec: str = ""
+    split: str | None = None
+    root: str | None = None
+
+    def __init__(self):
+        self.ids: list[str] = []
+        self.labels = np.zeros(0, np.int64)
+        self.class_names: list[str] = []
+
+    def __len__(self):
+        return len(self.ids)
+
+    def load(self, i: int, target: int | None = None) -> Image.Image:
+        """Return image ``i`` as RGB; raise :class:`tlfx.images.BadImage` if it cannot be read."""
+        raise NotImplementedError
+
+    def take(self, n: int | None) -> ImageDataset:
+        """Keep the first ``n`` items (deterministic, so a resumed run sees the same list)."""
+        if n is not None and n < len(self):
+            self.ids = self.ids[:n]
+            self.labels = self.labels[:n]
+            self._take(n)
+        return self
+
+    def _take(self, n):
+        pass
+
+    def fingerprint(self) -> str:
+        h = hashlib.sha256()
+        h.update(json.dumps([self.spec, self.split, self.class_names]).encode())
+        h.update("\n".join(self.ids).encode())
+        h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
+        self._fingerprint_content(h)
+        return h.hexdigest()[:32]
+
+    def _fingerprint_content(self, h):
+        pass
+
+
+class ArrayDataset(ImageDataset):
+    """Images held in memory as a uint8 array ``[N, H, W]`` or ``[N, H, W, 3]`` (built-in datasets)."""
+
+    def __init__(self, spec, split, images: np.ndarray, labels, class_names, index=None):
+        super().__init__()
+        self.spec, self.split = spec, split
+        self.images = images
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = list(class_names)
+        idx = np.arange(len(images)) if index is None else np.asarray(index)
+        self.ids = [str(int(i)) for i in idx]
+
+    def _take(self, n):
+        self.images = self.images[:n]
+
+    def load(self, i, target=None):
+        a = self.images[i]
+        return Image.fromarray(a, "L" if a.ndim == 2 else "RGB").convert("RGB")
+
+    def _fingerprint_content(self, h):
+        h.update(hashlib.sha256(np.ascontiguousarray(self.images).tobytes()).digest())
+
+
+class FileDataset(ImageDataset):
+    """Image files on disk; ``ids`` are paths relative to ``root``."""
+
+    def __init__(self, spec, split, root, rel_paths, labels, class_names):
+        super().__init__()
+        self.spec, self.split, self.root = spec, split, os.path.abspath(root)
+        self.ids = list(rel_paths)
+        self.labels = np.asarray(labels, dtype=np.int64)
+        self.class_names = list(class_names)
+
+    def path(self, i) -> str:
+        return os.path.join(self.root, self.ids[i])
+
+    def load(self, i, target=None):
+        return open_image(self.path(i), target)
+
+    def _fingerprint_content(self, h):
+        for i in range(len(self)):
+            try:
+                st = os.stat(self.path(i))
+                h.update(f"{st.st_size}:{st.st_mtime_ns};".encode())
+            except OSError:
+                h.update(b"missing;")
+
+
+def parse_spec(spec: str) -> tuple[str, str | None]:
+    name, _, arg = spec.partition(":")
+    return name, (arg or None)
+
+
+def list_datasets() -> list[str]:
+    """Names of every registered dataset."""
+    return registry("dataset").names()
+
+
+def load_dataset(spec: str, split: str | None = None, root: str | None = None, limit: int | None = None) -> ImageDataset:
+    """Resolve a data spec through the dataset plugins: ``load_dataset("fashion-mnist", "test", limit=2000)``."""
+    name, arg = parse_spec(spec)
+    entry = registry("dataset").get(name)
+    splits = entry.meta.get("splits")
+    if split is not None and splits and split not in splits:
+        raise TlfxError(f"unknown split {split!r} for dataset {name!r}; valid choices: {', '.join(splits)}")
+    if entry.meta.get("needs_argument") and not arg:
+        raise TlfxError(f"dataset {name!r} needs an argument: {name}:{entry.meta.get('argument', 'ARG')}")
+    if limit is not None and limit < 1:
+        raise TlfxError(f"--limit must be at least 1, got {limit}")
+    ds = entry.factory(arg, split=split, root=root)
+    ds.spec = spec
+    ds.take(limit)
+    if len(ds) == 0:
+        raise TlfxError(f"dataset {spec!r} (split {split or 'all'}) holds no images; check the path and the split")
+    return ds

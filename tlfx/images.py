@@ -1,0 +1,90 @@
+"""Image decoding and preprocessing, robust to the files found in uncurated folders."""
+
+from __future__ import annotations
+
+import warnings
+
+import numpy as np
+from PIL import Image, ImageFile, ImageOps
+
+from .backbone import Preprocess
+
+ImageFile.LOAD_TRUNCATED_IMAGES = False
+MAX_PIXELS = 89_478_485  # Pillow's default bomb threshold, made a hard limit below
+
+_RESAMPLE = {
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+}
+
+
+class BadImage(Exception):
+    """An input that cannot be decoded; its message is the reason recorded in ``/skipped``."""
+
+
+def to_rgb(img: Image.Image) -> Image.Image:
+    """Any Pillow mode to 8-bit RGB: 16-bit grey is rescaled, not clipped; transparency goes on white."""
+    if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+        a = np.asarray(img, dtype=np.float64)
+        hi = 65535.0 if img.mode.startswith("I;16") or a.max() > 255 else 255.0
+        a = np.clip(a / hi * 255.0 + 0.5, 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if img.mode == "F":
+        a = np.asarray(img, dtype=np.float64)
+        a = np.clip(a * (255.0 if a.max() <= 1.0 else 1.0), 0, 255).astype(np.uint8)
+        return Image.fromarray(a, "L").convert("RGB")
+    if img.mode == "P" and "transparency" in img.info:
+        img = img.convert("RGBA")
+    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
+        img = img.convert("RGBA")
+        bg = Image.new("RGBA", img.size, (255, 255, 255, 255))
+        return Image.alpha_composite(bg, img).convert("RGB")
+    if img.mode != "RGB":
+        return img.convert("RGB")
+    return img
+
+
+def open_image(path, target: int | None = None) -> Image.Image:
+    """Open, apply EXIF orientation, take the first frame, and decode at reduced scale when much larger."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        try:
+            with Image.open(path) as img:
+                if img.width * img.height > MAX_PIXELS:
+                    raise BadImage(f"decompression bomb: {img.width}x{img.height} pixels")
+                if target and img.format == "JPEG":
+                    img.draft("RGB", (target, target))
+                img.load()
+                img = ImageOps.exif_transpose(img)
+                return to_rgb(img)
+        except BadImage:
+            raise
+        except Image.DecompressionBombWarning as exc:
+            raise BadImage(f"decompression bomb: {exc}") from None
+        except Image.DecompressionBombError as exc:
+            raise BadImage(f"decompression bomb: {exc}") from None
+        except FileNotFoundError:
+            raise BadImage("file not found (or broken symlink)") from None
+        except PermissionError:
+            raise BadImage("permission denied") from None
+        except IsADirectoryError:
+            raise BadImage("is a directory") from None
+        except Image.UnidentifiedImageError:
+            raise BadImage("not an image (unidentified format)") from None
+        except (OSError, SyntaxError, ValueError, EOFError) as exc:
+            raise BadImage(f"cannot decode: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None
+
+
+def preprocess_image(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """Resize the short side to ``pre.resize``, centre-crop ``pre.crop``; uint8 HWC array."""
+    w, h = img.size
+    scale = pre.resize / min(w, h)
+    nw, nh = max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))
+    if (nw, nh) != (w, h):
+        img = img.resize((nw, nh), _RESAMPLE.get(pre.interpolation, Image.Resampling.BILINEAR), reducing_gap=3.0)
+    left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
+    if (nw, nh) != (pre.crop, pre.crop):
+        img = img.crop((left, top, left + pre.crop, top + pre.crop))
+    return np.asarray(img, dtype=np.uint8)
