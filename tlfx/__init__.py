@@ -6,12 +6,11 @@ compare them with a full fine-tune in one report. Backbones, heads, datasets and
 
 __version__ = "0.1.0"
 
-from .hookspecs import hookimpl  # noqa: E402
-
 from .backbone import create_backbone, list_backbones  # noqa: E402
 from .datasets import list_datasets, load_dataset  # noqa: E402
 from .errors import TlfxError  # noqa: E402
 from .extract import extract  # noqa: E402
+from .hookspecs import hookimpl  # noqa: E402
 from .plugins import get_plugin_manager  # noqa: E402
 from .store import FeatureStore  # noqa: E402
 

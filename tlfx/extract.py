@@ -248,7 +248,7 @@ def embed_images(computer: FeatureComputer, paths: list[str], batch_size=32):
 
     ds = FileDataset("files", None, "/", [os.path.abspath(p).lstrip("/") for p in paths], [-1] * len(paths), [])
     feats, ok, bad = [], [], []
-    for idx, good, arr, skipped in computer.loader(ds, range(len(ds)), batch_size, workers=0):
+    for _idx, good, arr, skipped in computer.loader(ds, range(len(ds)), batch_size, workers=0):
         if arr is not None:
             feats.append(computer(arr))
             ok += [paths[i] for i in good]
