@@ -165,6 +165,8 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDa
         "dtype": dtype,
         "dataset": ds.spec,
         "split": ds.split or "all",
+        "data_root": ds.root or (os.path.abspath(root) if root else ""),
+        "limit": limit or 0,
         "dataset_fingerprint": ds.fingerprint(),
         "class_names": ds.class_names,
         "n_items": len(ds),
