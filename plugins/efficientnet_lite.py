@@ -9,12 +9,9 @@ from __future__ import annotations
 import importlib
 import os
 
-import timm
-
 import tlfx
-from plugins.timm_backbones import backbone_from_timm
-from tlfx.backbone import WeightsInfo, apply_state_dict, file_sha256, load_state_dict_file
 from tlfx.errors import TlfxError
+from tlfx.preprocess import WeightsInfo, file_sha256
 
 VARIANTS = {0: 224, 1: 240, 2: 260}
 
@@ -37,6 +34,11 @@ def weights_available(variant: int):
 
 
 def build(variant: int, weights: str | None = None):
+    import timm
+
+    from plugins.timm_backbones import backbone_from_timm
+    from tlfx.backbone import apply_state_dict, load_state_dict_file
+
     model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
     if weights == "none":
         info = WeightsInfo("random-init")

@@ -4,16 +4,18 @@ from __future__ import annotations
 
 import os
 
-import timm
-import torch
-
 import tlfx
-from tlfx.backbone import Backbone, Preprocess, WeightsInfo, apply_state_dict, file_sha256, load_state_dict_file
 from tlfx.errors import TlfxError
+from tlfx.preprocess import Preprocess, WeightsInfo, file_sha256
 
 
-def backbone_from_timm(model, name: str, info: WeightsInfo, mean=None, std=None) -> Backbone:
+def backbone_from_timm(model, name: str, info: WeightsInfo, mean=None, std=None):
     """Wrap a timm classification model: preprocessing from its pretrained config, stages from feature_info."""
+    import timm
+    import torch
+
+    from tlfx.backbone import Backbone
+
     cfg = timm.data.resolve_data_config({}, model=model)
     crop = int(cfg["input_size"][-1])
     resize = int(round(crop / cfg.get("crop_pct", 0.875)))
@@ -26,7 +28,11 @@ def backbone_from_timm(model, name: str, info: WeightsInfo, mean=None, std=None)
     return Backbone(name=name, module=model, preprocess=pre, weights=info, stages=stages, classifier=classifier)
 
 
-def build(model_name: str, weights: str | None = None) -> Backbone:
+def build(model_name: str, weights: str | None = None):
+    import timm
+
+    from tlfx.backbone import apply_state_dict, load_state_dict_file
+
     if model_name not in timm.list_models(pretrained=False) and not timm.is_model(model_name):
         raise TlfxError(f"timm has no model {model_name!r}; see timm.list_models('*pattern*')")
     if weights in (None, "none"):

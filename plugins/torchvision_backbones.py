@@ -4,13 +4,11 @@ from __future__ import annotations
 
 import os
 
-import torch
-import torchvision
-from torch import nn
-
 import tlfx
-from tlfx.backbone import Backbone, Preprocess, WeightsInfo, apply_state_dict, file_sha256, load_state_dict_file
 from tlfx.errors import TlfxError
+from tlfx.preprocess import Preprocess, WeightsInfo, file_sha256
+
+# torch and torchvision are imported inside the functions: plugin discovery must stay fast.
 
 ARCHS = {
     "alexnet": "AlexNet (2012), 4096-d fc7 embedding",
@@ -29,6 +27,8 @@ ARCHS = {
 
 
 def default_weights(arch: str):
+    import torchvision
+
     try:
         return torchvision.models.get_model_weights(arch).DEFAULT
     except (ValueError, KeyError):
@@ -37,6 +37,8 @@ def default_weights(arch: str):
 
 def hub_checkpoint_path(arch: str) -> str:
     """Where torchvision's weights API looks for (and would download) the default weights of ``arch``."""
+    import torch
+
     url = default_weights(arch).url
     return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
 
@@ -56,8 +58,11 @@ def preprocess_from_weights(weights) -> Preprocess:
     return Preprocess(int(resize), int(crop), tuple(t.mean), tuple(t.std), str(interp))
 
 
-def stage_names(model: nn.Module) -> list[str]:
+def stage_names(model) -> list[str]:
     """Module names of the ends of the network's stages (outputs just before each downsampling, and the last)."""
+    import torch
+    from torch import nn
+
     if all(hasattr(model, f"layer{i}") for i in range(1, 5)):
         return [f"layer{i}" for i in range(1, 5)]
     features = getattr(model, "features", None)
@@ -73,11 +78,17 @@ def stage_names(model: nn.Module) -> list[str]:
     return [f"features.{i}" for i in range(n) if i == n - 1 or sizes[i + 1] < sizes[i]]
 
 
-def last_linear(model: nn.Module) -> str:
+def last_linear(model) -> str:
+    from torch import nn
+
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
 
 
-def build(arch: str, weights: str | None = None) -> Backbone:
+def build(arch: str, weights: str | None = None):
+    import torchvision
+
+    from tlfx.backbone import Backbone, apply_state_dict, load_state_dict_file
+
     meta = default_weights(arch)
     if weights == "none":
         model = torchvision.models.get_model(arch, weights=None)

@@ -2,27 +2,36 @@
 
 Run a frozen pretrained CNN once, cache its embeddings in HDF5, train pluggable heads on them in seconds, and
 compare them with a full fine-tune in one report. Backbones, heads, datasets and commands are pluggy plugins.
+
+Heavy modules (torch, timm) are imported on first use, so ``import tlfx`` and plugin discovery stay fast.
 """
+
+import importlib
 
 __version__ = "0.1.0"
 
-from .backbone import create_backbone, list_backbones  # noqa: E402
-from .datasets import list_datasets, load_dataset  # noqa: E402
 from .errors import TlfxError  # noqa: E402
-from .extract import extract  # noqa: E402
 from .hookspecs import hookimpl  # noqa: E402
-from .plugins import get_plugin_manager  # noqa: E402
-from .store import FeatureStore  # noqa: E402
 
-__all__ = [
-    "__version__",
-    "hookimpl",
-    "create_backbone",
-    "list_backbones",
-    "list_datasets",
-    "load_dataset",
-    "TlfxError",
-    "extract",
-    "get_plugin_manager",
-    "FeatureStore",
-]
+_LAZY = {
+    "create_backbone": "backbone",
+    "list_backbones": "backbone",
+    "list_datasets": "datasets",
+    "load_dataset": "datasets",
+    "extract": "extract",
+    "FeatureStore": "store",
+    "get_plugin_manager": "plugins",
+    "load_model": "models",
+    "list_heads": "heads",
+    "create_head": "heads",
+}
+
+__all__ = ["__version__", "hookimpl", "TlfxError", *_LAZY]
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        value = getattr(importlib.import_module(f".{_LAZY[name]}", __name__), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'tlfx' has no attribute {name!r}")

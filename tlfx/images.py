@@ -7,7 +7,7 @@ import warnings
 import numpy as np
 from PIL import Image, ImageFile, ImageOps
 
-from .backbone import Preprocess
+from .preprocess import Preprocess
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 MAX_PIXELS = 89_478_485  # Pillow's default bomb threshold, made a hard limit below

@@ -2,7 +2,7 @@
 
 import click
 
-from ..runtime import PRECISIONS
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # tlfx.runtime.PRECISIONS, without importing torch
 
 
 def data_options(f):
