@@ -1,0 +1,45 @@
+# The two commands a newcomer needs: `make demo` and `make test`. Both set up .venv from nothing first.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed
+FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
+
+.PHONY: setup data demo test test-slow test-all lint bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $(STAMP)
+
+setup: $(STAMP)
+
+# Fashion-MNIST ships as a Debian package (no download at run time). Without it the demo uses scikit-learn's digits.
+data:
+	@if [ ! -f $(FASHION) ] && [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq dataset-fashion-mnist; \
+	elif [ ! -f $(FASHION) ]; then \
+	  echo "note: Fashion-MNIST not installed (sudo apt-get install dataset-fashion-mnist); the demo will use digits"; \
+	fi
+
+demo: setup data
+	$(BIN)/tlfx demo
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+# pytest exits 5 when no test is selected: not a failure for the slow lane
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow || [ $$? -eq 5 ]
+
+test-all: test test-slow
+
+lint: setup
+	$(BIN)/ruff check .
+
+bench: setup
+	$(BIN)/python benchmarks/extract_speed.py
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache *.egg-info demo-out
