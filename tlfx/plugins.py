@@ -1,4 +1,9 @@
-"""The plugin manager: loads the ``tlfx`` entry points (first-party plugins included) and builds registries."""
+"""The plugin manager: loads the ``tlfx`` entry points (first-party plugins included) and builds registries.
+
+A broken plugin never breaks tlfx: an import error, an unknown hook or a ``register_*`` hook that raises is
+recorded on the plugin's :class:`PluginRecord` (``tlfx plugins`` shows it) and the other plugins keep working.
+Two plugins registering the same name are the one hard failure: :class:`DuplicateNameError`, one line naming both.
+"""
 
 from __future__ import annotations
 
@@ -6,6 +11,7 @@ import importlib
 import importlib.metadata
 import importlib.util
 import os
+import re
 import sys
 import traceback
 from dataclasses import dataclass, field
@@ -18,10 +24,20 @@ from .errors import TlfxError, unknown_choice
 
 ENTRY_POINT_GROUP = "tlfx"
 PLUGINS_DIR_ENV = "TLFX_PLUGINS_DIR"
+KINDS = ("backbone", "head", "dataset")
+HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("register_"))
+# names are used in specs (NAME:ARG), comma-separated lists (--heads a,b) and file names: keep them plain
+NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+class DuplicateNameError(TlfxError):
+    """Two plugins registered the same name for one kind."""
 
 
 @dataclass
 class PluginRecord:
+    """One loaded (or failed) plugin as ``tlfx plugins`` lists it. ``kinds``: what it provides."""
+
     name: str
     source: str  # "entry point <dist> <version>", or a file path
     module: str
@@ -49,15 +65,27 @@ class Registry:
 
     def register_for(self, plugin: str):
         def register(name, factory, *, description="", **meta):
+            if not isinstance(name, str) or not NAME_RE.match(name):
+                raise ValueError(f"{self.kind} name {name!r} is invalid: use letters, digits, '_', '-', '.' "
+                                 f"(no ':' or ',' or spaces)")
+            if not callable(factory):
+                raise TypeError(f"{self.kind} {name!r}: factory {factory!r} is not callable")
+            if not isinstance(description, str):
+                raise TypeError(f"{self.kind} {name!r}: description must be a str, got {type(description).__name__}")
             if name in self._entries:
                 other = self._entries[name].plugin
-                raise TlfxError(
+                raise DuplicateNameError(
                     f"{self.kind} {name!r} is registered twice: by plugin {other!r} and by plugin {plugin!r}; "
                     f"uninstall or rename one of them"
                 )
             self._entries[name] = Entry(name, factory, plugin, description, meta)
 
         return register
+
+    def _discard(self, plugin: str, keep: set):
+        """Drop what ``plugin`` registered, except the names in ``keep`` (rollback of a failed hook)."""
+        for name in [n for n, e in self._entries.items() if e.plugin == plugin and n not in keep]:
+            del self._entries[name]
 
     def names(self) -> list[str]:
         return sorted(self._entries)
@@ -104,16 +132,22 @@ class PluginManager:
             try:
                 module = ep.load()
                 self.pm.register(module, name=ep.name)
+                rec.error = _check_hooks(module)
             except Exception as exc:  # a broken plugin must not break the CLI
                 rec.error = _one_line(exc)
             self.records.append(rec)
 
     def load_directory(self, directory: str):
-        """Load every ``*.py`` file in ``directory`` as a plugin (for development, without packaging)."""
+        """Load every ``*.py`` file in ``directory`` as a plugin (for development, without packaging).
+
+        Files whose name starts with ``_`` are skipped (helpers a plugin imports itself).
+        """
         path = Path(directory)
         if not path.is_dir():
             raise TlfxError(f"plugins directory {directory!r} does not exist; pass an existing directory")
         for file in sorted(path.glob("*.py")):
+            if file.name.startswith("_"):
+                continue
             name = file.stem
             rec = PluginRecord(name, str(file), f"tlfx_local_plugins.{name}")
             try:
@@ -122,22 +156,38 @@ class PluginManager:
                 sys.modules[rec.module] = module
                 spec.loader.exec_module(module)
                 self.pm.register(module, name=name)
+                rec.error = _check_hooks(module)
             except Exception as exc:
                 rec.error = _one_line(exc)
             self.records.append(rec)
         self._registries.clear()
 
     def registry(self, kind: str) -> Registry:
-        """The registry of ``kind`` ('backbone', 'head', 'dataset'), built on first use."""
+        """The registry of ``kind`` ('backbone', 'head', 'dataset'), built on first use.
+
+        A plugin whose ``register_<kind>s`` hook raises keeps nothing of that kind: its error goes on its record
+        and the other plugins' entries stay usable. A name registered twice raises :class:`DuplicateNameError`.
+        """
+        if kind not in KINDS:
+            raise unknown_choice("plugin kind", kind, KINDS)
         if kind not in self._registries:
             reg = Registry(kind)
             hook = getattr(self.pm.hook, f"register_{kind}s")
-            for impl in reversed(hook.get_hookimpls()):  # registration order: load order
+            for impl in hook.get_hookimpls():  # load order (pluggy lists impls as registered, calls them LIFO)
                 plugin_name = self.pm.get_name(impl.plugin)
-                impl.function(register=reg.register_for(plugin_name))
                 rec = self._record(plugin_name)
-                if rec and kind not in rec.kinds and any(e.plugin == plugin_name for e in reg.entries()):
-                    rec.kinds.append(kind)
+                before = set(reg.names())
+                try:
+                    impl.function(register=reg.register_for(plugin_name))
+                except DuplicateNameError:
+                    raise
+                except Exception as exc:  # one broken plugin must not take the others down
+                    reg._discard(plugin_name, keep=before)
+                    if rec:
+                        rec.error = _join(rec.error, f"register_{kind}s failed: {_one_line(exc)}")
+                    continue
+                if rec and any(e.plugin == plugin_name for e in reg.entries()):
+                    _add_kind(rec, kind)
             self._registries[kind] = reg
         return self._registries[kind]
 
@@ -145,13 +195,64 @@ class PluginManager:
         return next((r for r in self.records if r.name == name), None)
 
     def add_commands(self, cli):
-        for impl in reversed(self.pm.hook.register_commands.get_hookimpls()):
+        """Let plugins add click commands. A plugin may not replace a command that exists (core or earlier plugin)."""
+        for impl in self.pm.hook.register_commands.get_hookimpls():  # load order: entry points first
+            plugin_name = self.pm.get_name(impl.plugin)
+            rec = self._record(plugin_name)
+            before = dict(cli.commands)
             try:
                 impl.function(cli=cli)
             except Exception as exc:
-                rec = self._record(self.pm.get_name(impl.plugin))
+                cli.commands.clear()
+                cli.commands.update(before)
                 if rec:
-                    rec.error = f"register_commands failed: {_one_line(exc)}"
+                    rec.error = _join(rec.error, f"register_commands failed: {_one_line(exc)}")
+                continue
+            clashes = sorted(n for n, c in before.items() if cli.commands.get(n) is not c)
+            for n in clashes:
+                cli.commands[n] = before[n]
+            if rec and clashes:
+                owners = ", ".join(f"{n!r} (from {_command_owner(before[n])})" for n in clashes)
+                rec.error = _join(rec.error, f"register_commands: command {owners} already exists; "
+                                             f"plugin {plugin_name!r} must use another name")
+            if rec and any(n not in before for n in cli.commands):
+                _add_kind(rec, "command")
+
+
+def _command_owner(cmd) -> str:
+    module = getattr(getattr(cmd, "callback", None), "__module__", "") or ""
+    return "tlfx" if module.startswith("tlfx.") else module or "?"
+
+
+def _add_kind(rec: PluginRecord, kind: str):
+    order = (*KINDS, "command")
+    rec.kinds = sorted({*rec.kinds, kind}, key=lambda k: order.index(k) if k in order else len(order))
+
+
+def _join(old: str | None, new: str) -> str:
+    return f"{old}; {new}" if old else new
+
+
+def _check_hooks(module) -> str | None:
+    """Problems a plugin author would otherwise never see: undecorated or misspelled hooks, or no hooks at all."""
+    marker = f"{hookspecs.hookimpl.project_name}_impl"
+    problems, found = [], 0
+    for attr in dir(module):
+        obj = getattr(module, attr, None)
+        if not callable(obj):
+            continue
+        opts = getattr(obj, marker, None)
+        if isinstance(opts, dict):
+            name = opts.get("specname") or attr
+            if name in HOOK_NAMES:
+                found += 1
+            else:
+                problems.append(f"unknown hook {name!r} (valid hooks: {', '.join(HOOK_NAMES)})")
+        elif attr in HOOK_NAMES and getattr(obj, "__module__", None) == module.__name__:
+            problems.append(f"{attr} is not decorated with @tlfx.hookimpl, so tlfx never calls it")
+    if not found and not problems:
+        problems.append("defines no tlfx hooks; decorate register_* functions with @tlfx.hookimpl")
+    return "; ".join(problems) or None
 
 
 def _one_line(exc: BaseException) -> str:
@@ -164,6 +265,7 @@ _manager: PluginManager | None = None
 
 
 def get_plugin_manager() -> PluginManager:
+    """The process-wide plugin manager (entry points plus ``TLFX_PLUGINS_DIR``), loaded on first use."""
     global _manager
     if _manager is None:
         _manager = PluginManager()
@@ -178,4 +280,5 @@ def reset_plugin_manager(plugins_dirs: list[str] | None = None) -> PluginManager
 
 
 def registry(kind: str) -> Registry:
+    """The registry of one kind ('backbone', 'head', 'dataset') of the process-wide plugin manager."""
     return get_plugin_manager().registry(kind)
