@@ -21,7 +21,10 @@ _LAZY = {
     "extract": "extract",
     "FeatureStore": "store",
     "get_plugin_manager": "plugins",
-    "load_model": "models",
+    "load_model": "api",
+    "fit": "api",
+    "evaluate": "api",
+    "predict": "api",
     "list_heads": "heads",
     "create_head": "heads",
 }
