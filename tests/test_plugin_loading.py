@@ -1,0 +1,292 @@
+"""Plugin loading for real: --plugins-dir / TLFX_PLUGINS_DIR, broken plugins isolated, duplicate names refused,
+and the minimal plugin printed in docs/plugins.md (extracted from the page, so the guide cannot rot)."""
+
+from __future__ import annotations
+
+import inspect
+import re
+import textwrap
+from pathlib import Path
+
+import pytest
+from conftest import run_cli
+
+import tlfx
+from tlfx.errors import TlfxError
+from tlfx.plugins import DuplicateNameError, PluginManager, reset_plugin_manager
+
+ROOT = Path(__file__).resolve().parents[1]
+GUIDE = ROOT / "docs" / "plugins.md"
+
+GOOD = '''
+import click
+from torch import nn
+
+import tlfx
+from tlfx.backbone import Backbone, Preprocess, WeightsInfo
+
+
+def mean_colour(weights=None, **options):
+    return Backbone(name="mean_colour", module=nn.Sequential(nn.AdaptiveAvgPool2d(2), nn.Flatten()),
+                    preprocess=Preprocess(16, 16), weights=WeightsInfo("none"))
+
+
+@click.command(name="hello-plugin")
+@click.argument("who", default="world")
+def hello(who):
+    """Say hello."""
+    click.echo(f"hello, {who}, from a plugins-dir plugin")
+
+
+@tlfx.hookimpl
+def register_backbones(register):
+    register("mean_colour", mean_colour, description="mean colour of 2x2 cells (12-d)")
+
+
+@tlfx.hookimpl
+def register_commands(cli):
+    cli.add_command(hello)
+'''
+
+BROKEN_IMPORT = '''
+import tlfx
+raise RuntimeError("boom at import")
+'''
+
+BROKEN_HOOK = '''
+import tlfx
+from sklearn.naive_bayes import GaussianNB
+
+
+@tlfx.hookimpl
+def register_heads(register):
+    register("half_registered", GaussianNB, description="registered just before the hook fails")
+    raise KeyError("missing config")
+
+
+@tlfx.hookimpl
+def register_datasets(register):
+    raise ValueError("no data here")
+'''
+
+UNDECORATED = '''
+def register_backbones(register):
+    register("never_seen", None)
+'''
+
+MISSPELLED = '''
+import tlfx
+
+
+@tlfx.hookimpl
+def register_backbone(register):
+    pass
+'''
+
+CLASH = '''
+import click
+import tlfx
+
+
+@click.command(name="extract")
+def fake_extract():
+    """Not the real extract."""
+    click.echo("hijacked")
+
+
+@tlfx.hookimpl
+def register_commands(cli):
+    cli.add_command(fake_extract)
+'''
+
+
+def write(directory: Path, **files) -> Path:
+    directory.mkdir(parents=True, exist_ok=True)
+    for name, text in files.items():
+        (directory / f"{name}.py").write_text(textwrap.dedent(text))
+    return directory
+
+
+@pytest.fixture
+def fresh_manager():
+    """Restore the process-wide plugin manager after a test that loads a plugins directory in-process."""
+    yield
+    reset_plugin_manager()
+
+
+def record(pm, name):
+    return next(r for r in pm.records if r.name == name)
+
+
+# ---------------------------------------------------------------------------------------- in-process (fast)
+
+
+def test_broken_plugins_are_recorded_and_the_rest_keeps_working(tmp_path):
+    d = write(tmp_path / "p", good=GOOD, broken_import=BROKEN_IMPORT, broken_hook=BROKEN_HOOK,
+              undecorated=UNDECORATED, misspelled=MISSPELLED, _helper="raise SystemExit('helpers are not plugins')")
+    pm = PluginManager([str(d)])
+    assert "RuntimeError: boom at import" in record(pm, "broken_import").error
+    assert "broken_import.py:3" in record(pm, "broken_import").error  # where, for the author
+    assert "_helper" not in [r.name for r in pm.records]
+
+    heads = pm.registry("head")
+    assert "half_registered" not in heads  # the failed hook's partial registrations are rolled back
+    assert "register_heads failed: KeyError" in record(pm, "broken_hook").error
+    datasets = pm.registry("dataset")
+    assert "digits" in datasets and "imagefolder" in datasets  # the kind still works with the other plugins
+    assert "register_datasets failed: ValueError: no data here" in record(pm, "broken_hook").error
+    assert pm.registry("backbone").get("mean_colour").plugin == "good"
+    assert record(pm, "good").kinds == ["backbone"] and record(pm, "good").error is None
+
+    assert "register_backbones is not decorated with @tlfx.hookimpl" in record(pm, "undecorated").error
+    assert "unknown hook 'register_backbone'" in record(pm, "misspelled").error
+    assert "never_seen" not in pm.registry("backbone")
+
+
+def test_invalid_registrations_are_refused_with_the_reason(tmp_path):
+    d = write(tmp_path / "p", bad_names='''
+        import tlfx
+
+        @tlfx.hookimpl
+        def register_datasets(register):
+            register("my:data", lambda arg, split=None, root=None: None, description="colon in the name")
+
+        @tlfx.hookimpl
+        def register_heads(register):
+            register("nb", "not callable", description="x")
+        ''')
+    pm = PluginManager([str(d)])
+    pm.registry("dataset")
+    pm.registry("head")
+    err = record(pm, "bad_names").error
+    assert "dataset name 'my:data' is invalid" in err
+    assert "head 'nb': factory 'not callable' is not callable" in err
+
+
+def test_duplicate_names_raise_one_line_naming_both_plugins(tmp_path):
+    d = write(tmp_path / "p", dup='''
+        import tlfx
+
+        @tlfx.hookimpl
+        def register_datasets(register):
+            register("digits", lambda arg, split=None, root=None: None, description="a second digits")
+        ''')
+    pm = PluginManager([str(d)])
+    with pytest.raises(DuplicateNameError) as exc:
+        pm.registry("dataset")
+    msg = str(exc.value)
+    assert "\n" not in msg and "'digits'" in msg and "'datasets'" in msg and "'dup'" in msg
+    assert isinstance(exc.value, TlfxError)
+
+
+def test_missing_plugins_dir_is_a_clear_error(tmp_path):
+    with pytest.raises(TlfxError, match="plugins directory .*nowhere.* does not exist"):
+        PluginManager([str(tmp_path / "nowhere")])
+
+
+def test_unknown_kind_names_the_valid_ones():
+    with pytest.raises(TlfxError, match="valid choices: backbone, dataset, head"):
+        tlfx.get_plugin_manager().registry("optimizer")
+
+
+# ----------------------------------------------------------------------------------------- the real CLI
+
+
+def test_cli_plugins_dir_lists_broken_plugins_and_other_commands_still_work(tmp_path):
+    d = write(tmp_path / "p", good=GOOD, broken_import=BROKEN_IMPORT, broken_hook=BROKEN_HOOK, clash=CLASH)
+    out = run_cli("--plugins-dir", d, "plugins", check=True).stdout
+    lines = {line.split()[0]: line for line in out.splitlines()}
+    assert "FAILED: RuntimeError: boom at import" in lines["broken_import"]
+    assert "register_heads failed: KeyError" in lines["broken_hook"]
+    assert "command 'extract' (from tlfx) already exists" in lines["clash"]
+    assert "backbone, command" in lines["good"] and str(d / "good.py") in lines["good"]
+    assert "efficientnet_lite" in lines and "FAILED" not in lines["efficientnet_lite"]
+
+    # the env var works like the option; a failed register_heads does not break the heads of other plugins,
+    # and the clashing plugin did not replace the core extract command
+    env = {"TLFX_PLUGINS_DIR": str(d)}
+    hello = run_cli("hello-plugin", "tester", env=env, check=True)
+    assert hello.stdout.strip() == "hello, tester, from a plugins-dir plugin"
+    store = tmp_path / "f.h5"
+    res = run_cli("extract", "--backbone", "mean_colour", "--data", "digits", "--limit", "24", "--out", store,
+                  "--quiet", "--workers", "0", env=env, check=True)
+    assert "extracted 24 images x 12 features" in res.stdout
+    assert tlfx.FeatureStore(str(store)).features.shape == (24, 12)
+
+
+def test_cli_duplicate_names_exit_2_with_one_line(tmp_path):
+    d = write(tmp_path / "p", dup_backbone='''
+        import tlfx
+
+        @tlfx.hookimpl
+        def register_backbones(register):
+            register("efficientnet_lite0", lambda weights=None: None, description="an impostor")
+        ''')
+    res = run_cli("--plugins-dir", d, "backbones")
+    assert res.returncode == 2, res.stderr
+    assert "Traceback" not in res.stderr
+    lines = res.stderr.strip().splitlines()
+    assert len(lines) == 1
+    assert re.match(r"error: backbone 'efficientnet_lite0' is registered twice: by plugin 'efficientnet_lite' "
+                    r"and by plugin 'dup_backbone'; uninstall or rename one of them$", lines[0])
+
+
+def test_cli_missing_plugins_dir_exits_2(tmp_path):
+    res = run_cli("--plugins-dir", tmp_path / "nowhere", "plugins")
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert res.stderr.strip().splitlines() == [f"error: plugins directory '{tmp_path / 'nowhere'}' does not exist; "
+                                               f"pass an existing directory"]
+
+
+# ---------------------------------------------------------------------------- the guide's minimal plugin
+
+
+def guide_blocks() -> dict[str, str]:
+    """Code blocks of docs/plugins.md tagged ``<!-- file: NAME -->`` on the line before the fence."""
+    text = GUIDE.read_text()
+    return dict(re.findall(r"<!-- file: (\S+) -->\s*\n```(?:python|toml)\n(.*?)```", text, re.S))
+
+
+def test_guide_minimal_plugin_is_short_and_passes_the_contract_checks(tmp_path, fresh_manager):
+    blocks = guide_blocks()
+    code = blocks["sides_plugin.py"]
+    assert len(code.strip().splitlines()) < 50, "the guide promises a minimal plugin in under 50 lines"
+    d = tmp_path / "guide"
+    d.mkdir()
+    (d / "sides_plugin.py").write_text(code)
+    reset_plugin_manager([str(d)])
+    rec = record(tlfx.get_plugin_manager(), "sides_plugin")
+    assert rec.error is None
+    # the guide's own test block, run as written
+    test_code = blocks["test_sides_plugin.py"]
+    namespace = {}
+    exec(compile(test_code, "test_sides_plugin.py", "exec"), namespace)
+    tests = [f for name, f in namespace.items() if name.startswith("test_") and callable(f)]
+    assert len(tests) >= 3
+    for t in tests:  # the only fixture the guide's tests use is tmp_path
+        args = {"tmp_path": tmp_path / t.__name__} if "tmp_path" in inspect.signature(t).parameters else {}
+        for path in args.values():
+            path.mkdir()
+        t(**args)
+    assert rec.kinds == ["backbone", "head", "dataset"]
+
+
+def test_guide_minimal_plugin_through_the_cli(tmp_path):
+    d = tmp_path / "guide"
+    d.mkdir()
+    (d / "sides_plugin.py").write_text(guide_blocks()["sides_plugin.py"])
+    res = run_cli("--plugins-dir", d, "sides-info", "--n", "3", check=True)
+    assert res.stdout.strip() == "6 images, classes: left, right"
+    store = tmp_path / "s.h5"
+    run_cli("--plugins-dir", d, "extract", "--backbone", "grid_colour", "--data", "sides:10", "--out", store,
+            "--quiet", "--workers", "0", check=True)
+    st = tlfx.FeatureStore(str(store))
+    assert st.features.shape == (20, 48) and st.class_names == ["left", "right"]
+
+
+def test_guide_pyproject_snippet_declares_the_entry_point():
+    import tomllib
+
+    project = tomllib.loads(guide_blocks()["pyproject.toml"])
+    assert project["project"]["entry-points"]["tlfx"] == {"sides": "tlfx_sides"}
+    assert any(d.startswith("tlfx") for d in project["project"]["dependencies"])
