@@ -72,10 +72,19 @@ def _define():
             self.scale_ = np.where(scale > 1e-12, scale, 1.0).astype(np.float32)
             Xs = (X - self.mean_) / self.scale_
             tr, va = _val_split(y_idx, self.val_fraction, self.seed) if self.val_fraction > 0 else (np.arange(len(y_idx)), [])
+            threads = torch.get_num_threads()
+            if device.type == "cpu" and X.size < 2_000_000:
+                torch.set_num_threads(1)  # tiny matmuls: thread wake-ups cost more than they save on a busy CPU
+            try:
+                self._train(torch, nn, device, Xs, y_idx, tr, va, n_classes)
+            finally:
+                torch.set_num_threads(threads)
+
+        def _train(self, torch, nn, device, Xs, y_idx, tr, va, n_classes):
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(self.seed)
                 gen = torch.Generator().manual_seed(self.seed)
-                layer = nn.Linear(X.shape[1], n_classes).to(device)
+                layer = nn.Linear(Xs.shape[1], n_classes).to(device)
                 opt = torch.optim.AdamW(layer.parameters(), lr=self.lr, weight_decay=self.weight_decay)
                 loss_fn = nn.CrossEntropyLoss()
                 Xt = torch.from_numpy(Xs[tr]).to(device)

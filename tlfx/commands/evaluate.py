@@ -1,0 +1,36 @@
+"""``tlfx evaluate``: score a model on a labeled feature store."""
+
+import json
+
+import click
+
+
+@click.command()
+@click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), metavar="M",
+              help="Model file (tlfx fit, tlfx finetune).")
+@click.option("--features", required=True, type=click.Path(dir_okay=False), metavar="T.h5",
+              help="Labeled test store extracted with the model's backbone configuration.")
+@click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
+@click.option("--trust", is_flag=True, help="Allow loading pickle-based model files (only files you made).")
+@click.option("--allow-incomplete", is_flag=True, help="Evaluate on a store whose extraction has not finished.")
+def evaluate(model_path, features, as_json, trust, allow_incomplete):
+    """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix of a model on a store.
+
+    A store made with another backbone configuration than the model's is refused.
+
+    \b
+    Examples:
+      tlfx evaluate --model svm.tlfx --features test.h5
+      tlfx evaluate --model svm.tlfx --features test.h5 --json > svm.json
+    """
+    from ..api import evaluate as evaluate_model
+    from ..metrics import format_report
+
+    rep = evaluate_model(model_path, features, trust=trust, allow_incomplete=allow_incomplete)
+    if as_json:
+        click.echo(json.dumps(rep, indent=2))
+    else:
+        click.echo(format_report(rep, title=f"{model_path} ({rep.get('head') or rep['kind']}) on {features}"))
+
+
+COMMANDS = [evaluate]

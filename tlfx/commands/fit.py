@@ -1,0 +1,51 @@
+"""``tlfx fit``: train a head on cached features and save a model file."""
+
+import click
+
+
+@click.command()
+@click.option("--features", required=True, type=click.Path(dir_okay=False), metavar="F.h5",
+              help="Training feature store (tlfx extract).")
+@click.option("--head", required=True, metavar="NAME", help="A registered head (tlfx heads): linear, logistic, svm, ...")
+@click.option("--param", "params", multiple=True, metavar="KEY=VALUE",
+              help="Head parameter, repeatable; values are read as int/float/bool/none/str (e.g. C=10, max_depth=none).")
+@click.option("--search", is_flag=True, help="Cross-validate the head's parameter grid on the training store, keep the best.")
+@click.option("--cv", type=click.IntRange(2, None), default=5, show_default=True, help="Folds for --search (stratified).")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of CV folds and of seeded heads.")
+@click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="M",
+              help="Model file to write (e.g. svm.tlfx).")
+@click.option("--export-joblib", is_flag=True,
+              help="Also write a pickle copy <M stem>.joblib (loads only with --trust: pickles can run code).")
+@click.option("--allow-incomplete", is_flag=True, help="Train on a store whose extraction has not finished.")
+def fit(features, head, params, search, cv, seed, out, export_joblib, allow_incomplete):
+    """Train a head on the features of a store and save it with the backbone configuration and class names.
+
+    \b
+    Examples:
+      tlfx fit --features train.h5 --head svm --out svm.tlfx
+      tlfx fit --features train.h5 --head logistic --param C=0.1 --out logreg.tlfx
+      tlfx fit --features train.h5 --head knn --search --cv 5 --out knn.tlfx
+      tlfx fit --features train.h5 --head linear --param epochs=50 --param lr=3e-3 --out linear.tlfx
+    """
+    from ..api import fit as fit_model
+    from ..heads import parse_params
+    from ..plugins import registry
+
+    registry("head").get(head)  # unknown head -> one line with the valid choices
+    parsed = parse_params(head, params)
+    model = fit_model(features, head, parsed, search=search, out=out, cv=cv, seed=seed,
+                      allow_incomplete=allow_incomplete, export_joblib=export_joblib)
+    meta = model.meta
+    s = meta.get("search")
+    if s:
+        chosen = ", ".join(f"{k}={v!r}" for k, v in s["best_params"].items())
+        click.echo(f"search: {len(s['results'])} settings x {s['cv_folds']} folds in {s['search_seconds']:.1f} s; "
+                   f"chosen {chosen}; CV accuracy {s['cv_score']:.4f}")
+    shown = ", ".join(f"{k}={v!r}" for k, v in (meta.get("params") or {}).items()) or "defaults"
+    click.echo(f"fit {head} ({shown}) on {meta['n_train']} rows x {meta['n_features']} features "
+               f"in {meta['fit_seconds']:.2f} s -> {out}")
+    if getattr(model, "joblib_path", None):
+        click.echo(f"pickle export -> {model.joblib_path} (load it only with --trust)")
+
+
+COMMANDS = [fit]
