@@ -290,8 +290,13 @@ def finalize(path: str, attrs: dict, stats: dict | None = None, virtual: bool = 
     n_items = int(attrs["n_items"])
     if covered_until(parts, n_items) < n_items or any(e > n_items for _, e, _ in parts):
         raise TlfxError(f"store {path!r} is missing parts; run the same extract command again to finish it")
+    chain, k = [], 0
+    for part in parts:  # only the contiguous chain from item 0: parts left by another engine's layout never add rows twice
+        if part[0] == k:
+            chain.append(part)
+            k = part[1]
     metas = []
-    for _, _, p in parts:
+    for _, _, p in chain:
         with h5py.File(p, "r") as f:
             metas.append((p, f["features"].shape, f["skipped_ids"].shape[0]))
     dim = next((s[1] for _, s, _ in metas if len(s) == 2 and s[0] > 0), 0)
@@ -312,7 +317,7 @@ def finalize(path: str, attrs: dict, stats: dict | None = None, virtual: bool = 
                     layout[row:row + shape[0]] = h5py.VirtualSource(rel, "features", shape=(shape[0], dim))
                     lab_layout[row:row + shape[0]] = h5py.VirtualSource(rel, "labels", shape=(shape[0],))
                 row += shape[0]
-            f.create_virtual_dataset("features", layout)
+            f.create_virtual_dataset("features", layout, fillvalue=np.nan)  # a lost part reads as NaN, not as zeros
             f.create_virtual_dataset("labels", lab_layout, fillvalue=-1)
         else:
             feats = f.create_dataset("features", shape=(n, dim), dtype=dtype, chunks=(chunk_rows, dim) if n and dim else None)

@@ -17,8 +17,14 @@ from ._options import backbone_options, data_options, runtime_options
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (see docs/performance.md).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
+@click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
+              help="local: this machine; ray: actors on a Ray cluster (pip install tlfx[ray]; docs/scaling.md).")
+@click.option("--address", default=None, metavar="ADDR", help="Ray cluster to join (auto, HOST:PORT); default: a local one.")
+@click.option("--num-workers", type=int, default=None, metavar="N", help="Ray actors (default: as many as fit).")
+@click.option("--gpus-per-worker", type=float, default=None, metavar="G", help="GPUs per Ray actor (default 0: CPU).")
 def extract(backbone, layers, pooling, image_size, weights, data, split, root, limit, precision, device, out,
-            batch_size, workers, dtype, part_size, overwrite, strict, compile_, quiet):
+            batch_size, workers, dtype, part_size, overwrite, strict, compile_, quiet, engine, address, num_workers,
+            gpus_per_worker):
     """Run a frozen backbone once over a dataset and cache its features in an HDF5 store.
 
     An interrupted run resumes when the same command is run again.
@@ -28,13 +34,15 @@ def extract(backbone, layers, pooling, image_size, weights, data, split, root, l
       tlfx extract --data fashion-mnist --split test --limit 2000 --out t.h5
       tlfx extract --backbone resnet18 --data imagefolder:photos --layers multi --out photos.h5
       tlfx extract --backbone vgg16 --weights vgg16.pth --data csv:labels.csv --split train --out tr.h5
+      tlfx extract --data imagefolder:/shared/photos --out /shared/p.h5 --engine ray --address auto --gpus-per-worker 1
     """
-    from .. import extract as run
+    from ..engines import extract_with
 
-    res = run(backbone, data, out, split=split, root=root, limit=limit, layers=layers, pooling=pooling,
-              image_size=image_size, weights=weights, batch_size=batch_size, workers=workers, precision=precision,
-              device=device, dtype=dtype, part_size=part_size, overwrite=overwrite, strict=strict,
-              compile=compile_, progress=not quiet)
+    res = extract_with(engine, backbone=backbone, data=data, out=out, split=split, root=root, limit=limit, layers=layers,
+                       pooling=pooling, image_size=image_size, weights=weights, batch_size=batch_size, workers=workers,
+                       precision=precision, device=device, dtype=dtype, part_size=part_size, overwrite=overwrite,
+                       strict=strict, compile=compile_, progress=not quiet, address=address, num_workers=num_workers,
+                       gpus_per_worker=gpus_per_worker)
     click.echo(res.summary())
 
 
