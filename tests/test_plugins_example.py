@@ -14,14 +14,16 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 from conftest import run_cli
+from PIL import Image
 
 import tlfx
 
 ROOT = Path(__file__).resolve().parents[1]
 EXAMPLE = ROOT / "examples" / "tlfx-plugin-example"
-HAS_FIT_COMMAND = importlib.util.find_spec("tlfx.commands.fit") is not None
+SHAPES = ["circle", "square", "triangle", "star"]
 
 
 @pytest.fixture(scope="module")
@@ -62,43 +64,34 @@ def test_tlfx_plugins_lists_the_installed_package(installed):
     assert rows["datasets"]["error"] is None  # first-party plugins unaffected
 
 
-def test_extract_fit_and_command_through_the_cli(installed, tmp_path):
+def test_extract_fit_command_and_predict_through_the_cli(installed, tmp_path):
+    """Its dataset and backbone into a store, its head fitted with --search over its param_grid into a model
+    file, its command writing PNGs, and `tlfx predict` rebuilding its backbone and loading its head from the model."""
     env = env_for(installed)
-    train_h5, test_h5 = tmp_path / "train.h5", tmp_path / "test.h5"
+    train_h5 = tmp_path / "train.h5"
     res = run_cli("extract", "--backbone", "colour_hog", "--data", "shapes:20", "--split", "train",
                   "--out", train_h5, "--quiet", "--workers", "0", env=env, check=True)
     assert "extracted 80 images x 208 features" in res.stdout
     train = tlfx.FeatureStore(str(train_h5))
     assert train.config["backbone"] == "colour_hog" and train.config["weights"]["name"] == "none"
-    assert train.class_names == ["circle", "square", "triangle", "star"]
-
-    # the test split through the Python API (one process less), then the head on it
-    extract_test = (f"from tlfx.extract import extract; extract('colour_hog', 'shapes:20', {str(test_h5)!r}, "
-                    f"split='test', workers=0); ")
-    if HAS_FIT_COMMAND:
-        model = tmp_path / "ncm.tlfx"
-        run_cli("fit", "--features", train_h5, "--head", "nearest_class_mean", "--out", model, env=env, check=True)
-        code = extract_test + f"import tlfx; print(tlfx.evaluate({str(model)!r}, {str(test_h5)!r})['accuracy'])"
-    else:  # until `tlfx fit` lands: the same through the Python API, in a process that sees the plugin
-        code = extract_test + (f"import tlfx, numpy as np; from tlfx.heads import create_head; "
-                               f"tr, te = tlfx.FeatureStore({str(train_h5)!r}), tlfx.FeatureStore({str(test_h5)!r}); "
-                               f"h = create_head('nearest_class_mean').fit(tr.features, tr.labels); "
-                               f"print(float(np.mean(h.predict(te.features) == te.labels)))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env={**os.environ, **env},
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    accuracy = float(proc.stdout.strip().splitlines()[-1])
-    assert accuracy >= 0.6, f"nearest_class_mean on colour_hog features: {accuracy:.0%} on 4 shapes (chance 25%)"
+    assert train.class_names == SHAPES
 
     out = tmp_path / "exported"
-    res = run_cli("export-shapes", "--out", out, "--per-class", "3", env=env, check=True)
-    assert "wrote 24 images" in res.stdout
-    files = sorted(p.relative_to(out).parts[:2] for p in out.rglob("*.png"))
-    assert len(files) == 24 and {f[1] for f in files} == {"circle", "square", "triangle", "star"}
-    from PIL import Image
-
-    with Image.open(next(out.rglob("*.png"))) as img:
+    res = run_cli("export-shapes", "--out", out, "--per-class", "5", "--split", "test", env=env, check=True)
+    assert "wrote 20 images" in res.stdout
+    pngs = sorted(out.rglob("*.png"))
+    assert len(pngs) == 20 and {p.parent.name for p in pngs} == set(SHAPES)
+    with Image.open(pngs[0]) as img:
         assert img.size == (64, 64) and img.mode == "RGB"
+
+    model = tmp_path / "ncm.tlfx"
+    run_cli("fit", "--features", train_h5, "--head", "nearest_class_mean", "--search", "--cv", "3", "--out", model,
+            env=env, check=True)
+    res = run_cli("predict", "--model", model, "--top-k", "1", "--format", "json", *pngs, env=env, check=True)
+    rows = json.loads(res.stdout)
+    assert len(rows) == 20 and all("error" not in r for r in rows), rows
+    accuracy = np.mean([r["top"][0]["class"] == Path(r["path"]).parent.name for r in rows])
+    assert accuracy >= 0.6, f"nearest_class_mean on colour_hog features: {accuracy:.0%} on 4 shapes (chance 25%)"
 
 
 @pytest.mark.slow
