@@ -75,7 +75,8 @@ def stage_names(model) -> list[str]:
     for h in hooks:
         h.remove()
     n = len(sizes)
-    return [f"features.{i}" for i in range(n) if i == n - 1 or sizes[i + 1] < sizes[i]]
+    names = [name for name, _ in features.named_children()]  # "0", "1"... or DenseNet's "denseblock1"...
+    return [f"features.{names[i]}" for i in range(n) if i == n - 1 or sizes[i + 1] < sizes[i]]
 
 
 def last_linear(model) -> str:
