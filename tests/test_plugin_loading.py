@@ -290,3 +290,14 @@ def test_guide_pyproject_snippet_declares_the_entry_point():
     project = tomllib.loads(guide_blocks()["pyproject.toml"])
     assert project["project"]["entry-points"]["tlfx"] == {"sides": "tlfx_sides"}
     assert any(d.startswith("tlfx") for d in project["project"]["dependencies"])
+
+
+def test_guide_documents_every_hook_with_its_signature():
+    from tlfx import hookspecs
+    from tlfx.plugins import HOOK_NAMES
+
+    text = GUIDE.read_text()
+    assert HOOK_NAMES == ("register_backbones", "register_commands", "register_datasets", "register_heads")
+    for name in HOOK_NAMES:
+        sig = f"{name}{inspect.signature(getattr(hookspecs, name))}"
+        assert f"### `{sig}`" in text, f"docs/plugins.md has no section for {sig}"
