@@ -6,9 +6,11 @@ subprocesses with that folder on ``PYTHONPATH``, where ``importlib.metadata`` fi
 
 from __future__ import annotations
 
+import ast
 import importlib.util
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -112,3 +114,45 @@ def test_the_example_packages_own_tests(installed, tmp_path):
     assert proc.returncode == 0, f"example package tests failed:\n{tail}\n{proc.stderr[-2000:]}"
     assert " passed" in tail and "failed" not in tail and "skipped" not in tail, tail
 
+
+
+def documented_api() -> set[str]:
+    """The qualified names listed in the guide's "The plugin API" table (bare names take the row's module)."""
+    text = (ROOT / "docs" / "plugins.md").read_text()
+    section = text.split("## The plugin API", 1)[1].split("\n## ", 1)[0]
+    names = set()
+    for row in section.splitlines():
+        if not row.startswith("| `"):
+            continue
+        module = "tlfx"
+        for item in re.findall(r"`([\w.]+)`", row.split(" | ")[0]):
+            if item.startswith("tlfx."):
+                names.add(item)
+                module = item.rsplit(".", 1)[0]
+            else:
+                names.add(f"{module}.{item}")
+    return names
+
+
+def tlfx_names_used(path: Path) -> set[str]:
+    """Every tlfx name a source file uses: ``from tlfx.x import y``, ``import tlfx.x``, ``tlfx.y`` attributes."""
+    tree = ast.parse(path.read_text())
+    used = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "tlfx":
+            used |= {f"{node.module}.{a.name}" for a in node.names}
+        elif isinstance(node, ast.Import):
+            used |= {a.name for a in node.names if a.name.startswith("tlfx.")}
+        elif isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "tlfx":
+            used.add(f"tlfx.{node.attr}")
+    return used
+
+
+def test_example_uses_only_the_documented_plugin_api():
+    api = documented_api()
+    assert {"tlfx.hookimpl", "tlfx.backbone.Backbone", "tlfx.datasets.ArrayDataset", "tlfx.testing"} <= api
+    files = sorted(EXAMPLE.rglob("*.py"))
+    assert len(files) >= 6
+    for f in files:
+        outside = sorted(n for n in tlfx_names_used(f) if n not in api and not any(n.startswith(f"{m}.") for m in api))
+        assert not outside, f"{f.relative_to(ROOT)} uses tlfx names the guide does not document: {outside}"

@@ -10,7 +10,6 @@ from click.testing import CliRunner
 from tlfx_plugin_example import SHAPES, NearestClassMean, export_shapes
 
 import tlfx
-from tlfx.datasets import load_dataset
 from tlfx.errors import TlfxError
 from tlfx.extract import extract
 from tlfx.testing import check_backbone, check_dataset, check_head, check_registration
@@ -49,7 +48,7 @@ def test_dataset_contract():
 
 def test_bad_input_is_one_clear_error():
     with pytest.raises(TlfxError, match="shapes:N with N >= 1"):
-        load_dataset("shapes:zero")
+        tlfx.load_dataset("shapes:zero")
     with pytest.raises(TlfxError, match="has no weights"):
         tlfx.create_backbone("colour_hog", weights=__file__)
     with pytest.raises(ValueError, match="metric must be one of"):
