@@ -149,6 +149,8 @@ def lazy_classes(module_globals: dict, define) -> callable:
     first access, so plugin discovery stays fast. Classes get the module's name, so pickle and skops find them."""
 
     def __getattr__(name):
+        if name.startswith("__"):  # import machinery probes (__path__, __spec__...): answer without importing
+            raise AttributeError(name)
         if module_globals.get("_defined") is None:
             module_globals["_defined"] = True
             for cls_name, cls in define().items():

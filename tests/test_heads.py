@@ -1,0 +1,172 @@
+"""Heads and model files without a backbone: parameters, persistence safety, metrics, determinism."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import numpy as np
+import pytest
+from sklearn.datasets import make_blobs
+from sklearn.linear_model import LogisticRegression
+
+import tlfx
+from tlfx.errors import TlfxError
+from tlfx.head_model import HeadModel
+from tlfx.heads import create_head, first_party_heads, param_grid, parse_params, parse_value
+from tlfx.metrics import classification_report_dict, format_report
+
+CONFIG = {"backbone": "efficientnet_lite0", "weights": {"name": "w", "sha256": "ab" * 32, "path": ""},
+          "layers": ["penultimate"], "pooling": "avg", "image_size": 64, "preprocess": {"resize": 73, "crop": 64},
+          "precision": "fp32"}
+
+
+@pytest.fixture(scope="module")
+def blobs():
+    X, y = make_blobs(300, centers=4, n_features=16, random_state=0, cluster_std=4.0)
+    return X.astype(np.float32), y
+
+
+def test_first_party_heads_registered_with_description_and_grid():
+    assert sorted(first_party_heads()) == ["knn", "linear", "logistic", "random_forest", "svm"]
+    reg = tlfx.get_plugin_manager().registry("head")
+    for name in first_party_heads():
+        assert reg.get(name).description
+        grid = param_grid(name)
+        assert grid and all(k in create_head(name).get_params() for k in grid)
+
+
+def test_head_plugins_import_neither_sklearn_nor_torch():
+    """Plugin discovery stays fast: scikit-learn (scipy) and torch load when a head is first built."""
+    code = ("import sys; import plugins.sklearn_heads, plugins.linear_head; "
+            "print(sorted(x for x in ('sklearn', 'scipy', 'torch') if x in sys.modules)); "
+            "import tlfx; tlfx.get_plugin_manager().registry('head'); tlfx.heads.param_grid('svm'); "
+            "print(sorted(x for x in ('sklearn', 'scipy') if x in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
+    assert out.stdout.split() == ["[]", "[]"]
+
+
+@pytest.mark.parametrize("text,value", [("10", 10), ("0.5", 0.5), ("1e-3", 1e-3), ("true", True), ("False", False),
+                                        ("none", None), ("null", None), ("rbf", "rbf"), ("[1, 2]", [1, 2])])
+def test_parse_value(text, value):
+    assert parse_value(text) == value and type(parse_value(text)) is type(value)
+
+
+def test_parse_params_valid_and_invalid():
+    assert parse_params("svm", ["C=10", "kernel=linear", "gamma=0.01"]) == {"C": 10, "kernel": "linear", "gamma": 0.01}
+    assert parse_params("random_forest", ["max_depth=none", "max_features=0.1"]) == {"max_depth": None,
+                                                                                     "max_features": 0.1}
+    with pytest.raises(TlfxError, match=r"no parameter 'Cc'; valid parameters: C, degree"):
+        parse_params("svm", ["Cc=1"])
+    with pytest.raises(TlfxError, match=r"C='abc' is not valid for head 'svm': C must be float"):
+        parse_params("svm", ["C=abc"])
+    with pytest.raises(TlfxError, match=r"'C' is not KEY=VALUE"):
+        parse_params("svm", ["C"])
+    with pytest.raises(TlfxError, match=r"unknown head 'nope'; valid choices: knn, linear"):
+        parse_params("nope", [])
+
+
+def test_fit_rejects_bad_param_value_with_value_error(blobs):
+    X, y = blobs
+    with pytest.raises(ValueError, match="n_neighbors='x' must be int"):
+        create_head("knn", n_neighbors="x").fit(X, y)
+
+
+@pytest.mark.parametrize("name", ["logistic", "svm", "random_forest", "knn", "linear"])
+def test_heads_learn_and_roundtrip_through_a_safe_model_file(tmp_path, blobs, name):
+    X, y = blobs
+    params = {"n_estimators": 30} if name == "random_forest" else {}
+    est = create_head(name, **params).fit(X[:200], y[:200])
+    acc = float((est.predict(X[200:]) == y[200:]).mean())
+    assert acc > 0.8, (name, acc)
+    model = HeadModel.from_estimator(est, name, params, CONFIG, ["a", "b", "c", "d"], extra={"n_train": 200})
+    path = str(tmp_path / f"{name}.tlfx")
+    model.save(path)
+    with zipfile.ZipFile(path) as z:
+        assert sorted(z.namelist()) == ["head.skops", "meta.json"]
+        meta = json.loads(z.read("meta.json"))
+    assert meta["kind"] == "head" and meta["head"] == name and meta["config"] == CONFIG
+    back = tlfx.load_model(path)
+    assert isinstance(back, HeadModel) and back.class_names == ["a", "b", "c", "d"]
+    np.testing.assert_allclose(back.predict_proba_features(X[200:]), est.predict_proba(X[200:]), rtol=1e-6)
+
+
+def test_linear_head_is_deterministic_and_stores_plain_arrays(blobs):
+    import skops.io as sio
+
+    X, y = blobs
+    a = create_head("linear", seed=3, epochs=30).fit(X, y)
+    b = create_head("linear", seed=3, epochs=30).fit(X, y)
+    np.testing.assert_array_equal(a.coef_, b.coef_)
+    np.testing.assert_array_equal(a.intercept_, b.intercept_)
+    assert isinstance(a.coef_, np.ndarray) and a.coef_.shape == (4, 16) and a.mean_.shape == (16,)
+    # nothing torch in the saved head: only the head class itself is outside skops' default trusted types
+    assert sio.get_untrusted_types(data=sio.dumps(a)) == ["plugins.linear_head.LinearHead"]
+    c = create_head("linear", seed=4, epochs=30).fit(X, y)
+    assert not np.array_equal(a.coef_, c.coef_)
+
+
+def test_linear_head_early_stopping_stops_before_epochs(blobs):
+    X, y = blobs
+    est = create_head("linear", epochs=500, patience=3, lr=0.05).fit(X, y)
+    assert est.n_epochs_ < 500 and est.best_val_loss_ is not None
+
+
+def test_svm_switches_to_nystroem_above_max_exact(blobs):
+    X, y = blobs
+    exact = create_head("svm").fit(X, y)
+    approx = create_head("svm", max_exact=100, n_components=100).fit(X, y)
+    assert not exact.approximate_ and approx.approximate_
+    assert type(approx.model_[-1]).__name__ == "LinearSVC" and type(approx.model_[-2]).__name__ == "Nystroem"
+    assert float((approx.predict(X) == y).mean()) > 0.85
+
+
+class EvilEstimator(LogisticRegression):
+    """A type no registry knows: loading a file that holds it must be refused before anything is built."""
+
+    def __setstate__(self, state):
+        open(os.environ["TLFX_TEST_EVIL_MARK"], "w").close()
+        super().__setstate__(state)
+
+
+def test_model_with_unregistered_type_is_refused_without_running_it(tmp_path, blobs, monkeypatch):
+    X, y = blobs
+    mark = tmp_path / "ran"
+    monkeypatch.setenv("TLFX_TEST_EVIL_MARK", str(mark))
+    model = HeadModel.from_estimator(EvilEstimator().fit(X, y), "logistic", {}, CONFIG, list("abcd"))
+    path = str(tmp_path / "evil.tlfx")
+    model.save(path)
+    with pytest.raises(TlfxError, match=r"contains type 'test_heads.EvilEstimator'.*refusing to load"):
+        tlfx.load_model(path)
+    assert not mark.exists()
+
+
+def test_joblib_export_loads_only_with_trust(tmp_path, blobs):
+    X, y = blobs
+    model = HeadModel.from_estimator(create_head("knn").fit(X, y), "knn", {}, CONFIG, list("abcd"))
+    path = model.export_joblib(str(tmp_path / "knn.joblib"))
+    with pytest.raises(TlfxError, match="pickle .*pass --trust"):
+        tlfx.load_model(path)
+    back = tlfx.load_model(path, trust=True)
+    np.testing.assert_allclose(back.predict_proba_features(X), model.predict_proba_features(X))
+
+
+def test_metrics_match_sklearn():
+    from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 200)
+    p = np.where(rng.random(200) < 0.7, y, rng.integers(0, 4, 200))
+    rep = classification_report_dict(y, p, ["a", "b", "c", "d"])
+    assert rep["accuracy"] == pytest.approx(accuracy_score(y, p))
+    assert rep["macro_f1"] == pytest.approx(f1_score(y, p, average="macro"))
+    pr, rc, f1, sup = precision_recall_fscore_support(y, p)
+    assert [r["precision"] for r in rep["per_class"]] == pytest.approx(pr)
+    assert [r["recall"] for r in rep["per_class"]] == pytest.approx(rc)
+    assert [r["support"] for r in rep["per_class"]] == list(sup)
+    assert rep["confusion_matrix"] == confusion_matrix(y, p).tolist()
+    text = format_report(rep)
+    assert "macro-F1" in text and "confusion matrix" in text and text.count("\n") > 10
