@@ -77,8 +77,6 @@ def test_efficientnet_lite_larger_with_their_weights(variant):
 # Contract violations found by these checks, reported to the heads' owner; strict, so a fix shows up as XPASS
 # (then delete the entry).
 KNOWN_HEAD_VIOLATIONS = {
-    "random_forest": "a saved random_forest holds sklearn.tree._tree.Tree, which skops does not trust by default, "
-                     "so tlfx's model loader refuses it without --trust",
     "linear": "100 full-batch AdamW steps at lr 1e-3 leave the linear head near its random init on small data "
               "(~73% on three well-separated 90-row blobs)",
 }

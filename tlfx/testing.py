@@ -367,11 +367,11 @@ def _check_skops(est, X_test, pred, what):
     except Exception as exc:
         _fail(what, f"skops cannot save the fitted head ({type(exc).__name__}: {exc}); tlfx stores heads with skops.io")
     allowed = {f"{type(est).__module__}.{type(est).__qualname__}"}
-    try:
-        from .heads import head_types
+    try:  # exactly what the model loader accepts beyond skops' defaults
+        from .head_model import trusted_head_types
 
-        allowed |= set(head_types())
-    except ImportError:  # pragma: no cover - older core
+        allowed |= set(trusted_head_types())
+    except ImportError:  # pragma: no cover - a core without head model files
         pass
     refused = sorted(set(untrusted) - allowed)
     _check(not refused, what, f"a saved model would hold types tlfx refuses to load: {', '.join(refused)}; keep fitted "
