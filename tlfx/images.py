@@ -77,14 +77,30 @@ def open_image(path, target: int | None = None) -> Image.Image:
             raise BadImage(f"cannot decode: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None
 
 
-def preprocess_image(img: Image.Image, pre: Preprocess) -> np.ndarray:
-    """Resize the short side to ``pre.resize``, centre-crop ``pre.crop``; uint8 HWC array."""
-    w, h = img.size
+def resize_plan(w: int, h: int, pre: Preprocess) -> tuple[int, int, int, int]:
+    """``(nw, nh, left, top)``: the short side resized to ``pre.resize``, then the centred ``pre.crop`` square."""
     scale = pre.resize / min(w, h)
     nw, nh = max(pre.crop, round(w * scale)), max(pre.crop, round(h * scale))
+    return nw, nh, (nw - pre.crop) // 2, (nh - pre.crop) // 2
+
+
+def preprocess_image(img: Image.Image, pre: Preprocess) -> np.ndarray:
+    """Resize the short side to ``pre.resize``, centre-crop ``pre.crop``; uint8 HWC array.
+
+    With a filtering resample (bilinear, bicubic, lanczos) only the crop's source box is resampled (Pillow's
+    ``box=``): the pixels of resizing the whole image and then cropping (within 2 levels), without computing the
+    margin that the crop throws away.
+    """
+    w, h = img.size
+    nw, nh, left, top = resize_plan(w, h, pre)
+    c = pre.crop
+    resample = _RESAMPLE.get(pre.interpolation, Image.Resampling.BILINEAR)
+    if (nw, nh) != (w, h) and resample != Image.Resampling.NEAREST:
+        sx, sy = w / nw, h / nh
+        box = (left * sx, top * sy, (left + c) * sx, (top + c) * sy)
+        return np.asarray(img.resize((c, c), resample, box=box, reducing_gap=3.0), dtype=np.uint8)
     if (nw, nh) != (w, h):
-        img = img.resize((nw, nh), _RESAMPLE.get(pre.interpolation, Image.Resampling.BILINEAR), reducing_gap=3.0)
-    left, top = (nw - pre.crop) // 2, (nh - pre.crop) // 2
-    if (nw, nh) != (pre.crop, pre.crop):
-        img = img.crop((left, top, left + pre.crop, top + pre.crop))
+        img = img.resize((nw, nh), resample, reducing_gap=3.0)
+    if (nw, nh) != (c, c):
+        img = img.crop((left, top, left + c, top + c))
     return np.asarray(img, dtype=np.uint8)
