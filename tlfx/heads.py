@@ -118,10 +118,12 @@ def _describe_spec(spec) -> str:
     return " or ".join(a.__name__ if isinstance(a, type) else repr(a) for a in spec)
 
 
-def check_param(head: str, key: str, value, spec):
+def check_param(head: str, key: str, value, spec, valid=()):
     """Raise :class:`TlfxError` when ``value`` does not fit the parameter's declared types/choices."""
     if spec and not _type_ok(value, spec):
-        raise TlfxError(f"--param {key}={value!r} is not valid for head {head!r}: {key} must be {_describe_spec(spec)}")
+        also = f"; valid parameters: {', '.join(sorted(valid))}" if valid else ""
+        raise TlfxError(f"--param {key}={value!r} is not valid for head {head!r}: {key} must be "
+                        f"{_describe_spec(spec)}{also}")
 
 
 def parse_params(name: str, items) -> dict:
@@ -138,7 +140,7 @@ def parse_params(name: str, items) -> dict:
         if key not in valid:
             raise TlfxError(f"head {name!r} has no parameter {key!r}; valid parameters: {', '.join(sorted(valid))}")
         value = parse_value(raw)
-        check_param(name, key, value, getattr(est, "param_types", {}).get(key))
+        check_param(name, key, value, getattr(est, "param_types", {}).get(key), valid)
         out[key] = value
     return out
 
