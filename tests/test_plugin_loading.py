@@ -4,6 +4,7 @@ and the minimal plugin printed in docs/plugins.md (extracted from the page, so t
 from __future__ import annotations
 
 import inspect
+import os
 import re
 import textwrap
 from pathlib import Path
@@ -229,6 +230,67 @@ def test_cli_duplicate_names_exit_2_with_one_line(tmp_path):
     assert len(lines) == 1
     assert re.match(r"error: backbone 'efficientnet_lite0' is registered twice: by plugin 'efficientnet_lite' "
                     r"and by plugin 'dup_backbone'; uninstall or rename one of them$", lines[0])
+
+
+DOTS = '''
+import numpy as np
+from PIL import Image
+
+import tlfx
+from tlfx.datasets import ImageDataset
+
+
+class Dots(ImageDataset):
+    """A dataset class of its own, defined in a plugins-dir file: workers must unpickle it."""
+
+    def __init__(self, split):
+        super().__init__()
+        self.spec, self.split = "dots", split
+        self.ids = [str(i) for i in range(12)]
+        self.labels = np.arange(12, dtype=np.int64) % 2
+        self.class_names = ["sparse", "dense"]
+
+    def load(self, i, target=None):
+        a = np.zeros((16, 16, 3), np.uint8)
+        a[:: 4 - 2 * (i % 2), ::3] = 255
+        return Image.fromarray(a)
+
+
+@tlfx.hookimpl
+def register_datasets(register):
+    register("dots", lambda arg, split=None, root=None: Dots(split), description="dots", splits=("train",))
+'''
+
+SPAWN_EXTRACT = '''
+import multiprocessing, sys
+
+if __name__ == "__main__":
+    multiprocessing.set_start_method("spawn", force=True)
+    from tlfx.extract import extract
+    from tlfx.plugins import reset_plugin_manager
+
+    reset_plugin_manager([sys.argv[1]])
+    print(extract("pixels", "dots", sys.argv[2], workers=1).summary())
+'''
+
+
+@pytest.mark.slow  # spawned workers import torch again: ~10 s of CPU
+def test_plugins_dir_dataset_class_works_in_spawned_workers(tmp_path):
+    """macOS, Windows and Python >= 3.14 start DataLoader workers with spawn/forkserver: they must be able to
+    import a dataset class defined in a plugins-dir file (tlfx_local_plugins.<stem>) to unpickle the dataset."""
+    import subprocess
+    import sys
+
+    d = write(tmp_path / "p", dots=DOTS)
+    script = tmp_path / "run.py"
+    script.write_text(SPAWN_EXTRACT)
+    env = {k: v for k, v in os.environ.items() if k not in ("TLFX_PLUGINS_DIR", "_TLFX_LOCAL_PLUGIN_FILES")}
+    proc = subprocess.run([sys.executable, str(script), str(d), str(tmp_path / "o.h5")], capture_output=True,
+                          text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "extracted 12 images x 3072 features" in proc.stdout
+    st = tlfx.FeatureStore(str(tmp_path / "o.h5"))
+    assert st.class_names == ["sparse", "dense"] and list(st.labels) == [0, 1] * 6
 
 
 # ---------------------------------------------------------------------------- the guide's minimal plugin

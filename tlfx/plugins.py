@@ -8,6 +8,8 @@ Two plugins registering the same name are the one hard failure: :class:`Duplicat
 from __future__ import annotations
 
 import importlib
+import importlib.abc
+import importlib.machinery
 import importlib.metadata
 import importlib.util
 import os
@@ -28,6 +30,47 @@ KINDS = ("backbone", "head", "dataset")
 HOOK_NAMES = tuple(n for n in dir(hookspecs) if n.startswith("register_"))
 # names are used in specs (NAME:ARG), comma-separated lists (--heads a,b) and file names: keep them plain
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.\-]*$")
+
+
+LOCAL_PACKAGE = "tlfx_local_plugins"  # plugins-dir files load as tlfx_local_plugins.<file stem>
+_LOCAL_FILES_ENV = "_TLFX_LOCAL_PLUGIN_FILES"  # stem=path pairs, inherited by worker processes
+
+
+class _LocalPluginFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
+    """Makes ``tlfx_local_plugins.<stem>`` importable, so pickle can refer to classes defined in a plugins-dir file.
+
+    DataLoader workers started with spawn or forkserver (macOS, Windows, Python >= 3.14 everywhere) unpickle the
+    dataset by importing its class's module; they find the file through the environment they inherit.
+    """
+
+    def find_spec(self, fullname, path=None, target=None):
+        if fullname == LOCAL_PACKAGE:
+            return importlib.machinery.ModuleSpec(fullname, self, is_package=True)
+        if fullname.startswith(LOCAL_PACKAGE + ".") and fullname.count(".") == 1:
+            file = _local_plugin_file(fullname.split(".", 1)[1])
+            if file:
+                return importlib.util.spec_from_file_location(fullname, file)
+        return None
+
+    def create_module(self, spec):
+        return None
+
+    def exec_module(self, module):
+        module.__path__ = []
+
+
+def _local_plugin_file(stem: str) -> str | None:
+    pairs = dict(p.split("=", 1) for p in os.environ.get(_LOCAL_FILES_ENV, "").split(os.pathsep) if "=" in p)
+    if stem in pairs and os.path.isfile(pairs[stem]):
+        return pairs[stem]
+    for d in os.environ.get(PLUGINS_DIR_ENV, "").split(os.pathsep):
+        if d and os.path.isfile(os.path.join(d, f"{stem}.py")):
+            return os.path.join(d, f"{stem}.py")
+    return None
+
+
+if not any(isinstance(f, _LocalPluginFinder) for f in sys.meta_path):
+    sys.meta_path.append(_LocalPluginFinder())
 
 
 class DuplicateNameError(TlfxError):
@@ -149,11 +192,14 @@ class PluginManager:
             if file.name.startswith("_"):
                 continue
             name = file.stem
-            rec = PluginRecord(name, str(file), f"tlfx_local_plugins.{name}")
+            rec = PluginRecord(name, str(file), f"{LOCAL_PACKAGE}.{name}")
             try:
+                package = importlib.import_module(LOCAL_PACKAGE)
+                _remember_local_file(name, file)
                 spec = importlib.util.spec_from_file_location(rec.module, file)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[rec.module] = module
+                setattr(package, name, module)
                 spec.loader.exec_module(module)
                 self.pm.register(module, name=name)
                 rec.error = _check_hooks(module)
@@ -222,6 +268,11 @@ class PluginManager:
 def _command_owner(cmd) -> str:
     module = getattr(getattr(cmd, "callback", None), "__module__", "") or ""
     return "tlfx" if module.startswith("tlfx.") else module or "?"
+
+
+def _remember_local_file(stem: str, file: Path):
+    pairs = [p for p in os.environ.get(_LOCAL_FILES_ENV, "").split(os.pathsep) if p and not p.startswith(f"{stem}=")]
+    os.environ[_LOCAL_FILES_ENV] = os.pathsep.join([*pairs, f"{stem}={file.resolve()}"])
 
 
 def _add_kind(rec: PluginRecord, kind: str):
