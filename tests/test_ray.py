@@ -95,6 +95,14 @@ def test_ray_only_options_are_refused_by_the_local_engine(tmp_path):
 
 
 @needs_ray
+def test_unreachable_cluster_address_is_one_line_not_a_hang(tmp_path):
+    p = run_cli("extract", "--data", "digits", "--limit", "8", "--out", tmp_path / "x.h5", "--engine", "ray",
+                "--address", "127.0.0.1:1")
+    assert p.returncode == 2
+    assert p.stderr.strip().splitlines()[-1].startswith("error: cannot reach a Ray cluster at --address 127.0.0.1:1")
+
+
+@needs_ray
 def test_missing_blocks_cover_every_gap_whatever_wrote_the_parts():
     from tlfx.engines.ray_engine import missing_blocks
 

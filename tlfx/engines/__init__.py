@@ -43,6 +43,8 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool
     ray = require_ray()
     if ray.is_initialized():
         return False
+    if address and address != "auto" and "://" not in address:
+        _check_reachable(address)  # ray.init would retry an unreachable GCS for minutes
     kwargs = {"include_dashboard": False} if not address else {}
     if num_cpus is not None and not address:
         kwargs["num_cpus"] = num_cpus
@@ -52,6 +54,19 @@ def connect_ray(address: str | None = None, num_cpus: int | None = None) -> bool
         raise TlfxError(f"cannot reach a Ray cluster at --address {address!r} ({str(exc).splitlines()[0]}); "
                         f"start one with 'ray start --head' or leave --address out for a local instance") from None
     return True
+
+
+def _check_reachable(address: str, timeout: float = 5.0):
+    import socket
+
+    host, _, port = address.rpartition(":")
+    if not host or not port.isdigit():
+        raise TlfxError(f"--address {address!r} is not auto, HOST:PORT or ray://HOST:PORT; e.g. --address 10.0.0.5:6379")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise TlfxError(f"cannot reach a Ray cluster at --address {address} ({exc.strerror or exc}); start one there "
+                        f"with 'ray start --head --port={port}', or leave --address out for a local instance") from None
 
 
 def extract_with(engine: str = "local", **kwargs):
