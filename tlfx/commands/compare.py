@@ -1,0 +1,61 @@
+import sys
+
+import click
+
+
+@click.command()
+@click.option("--train", "train", required=True, type=str, metavar="F.h5", help="Training feature store.")
+@click.option("--test", "test", required=True, type=str, metavar="T.h5",
+              help="Test feature store (same backbone configuration and classes); used once per row.")
+@click.option("--heads", default=None, metavar="A,B,...",
+              help="Comma-separated heads (tlfx heads). Default: every registered head.")
+@click.option("--search", is_flag=True, help="Choose each head's hyperparameters by cross-validation on the training store.")
+@click.option("--cv", "folds", type=int, default=3, show_default=True, help="Folds for --search.")
+@click.option("--baseline", default=None, metavar="BACKBONE",
+              help="Re-extract the same images with this backbone (e.g. pixels) and run the same heads on them.")
+@click.option("--finetune", multiple=True, type=str, metavar="M",
+              help="A fine-tuned (or any tlfx) model file to add as a row; repeatable.")
+@click.option("--learning-curve", default="1,5,10,50,100,all", show_default=True, metavar="K,K,...|none",
+              help="Labelled examples per class for the learning curves.")
+@click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True, help="Bootstrap resamples for the CIs.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (same seed, same numbers).")
+@click.option("--gallery", type=int, default=24, show_default=True, help="Misclassified test images to show.")
+@click.option("--allow-incomplete", is_flag=True, help="Accept stores whose extraction has not finished.")
+@click.option("--trust", is_flag=True, help="Allow --finetune model files that need unpickling (only files you made).")
+@click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for report.html/.json/.md.")
+@click.option("--quiet", is_flag=True, help="No progress display.")
+def compare(train, test, heads, search, folds, baseline, finetune, learning_curve, n_boot, seed, gallery,
+            allow_incomplete, trust, out, quiet):
+    """Compare heads (and a raw-pixel baseline, and fine-tuned models) on the same splits: quality beside cost.
+
+    Writes DIR/report.html (one self-contained page), DIR/report.json (every number) and DIR/report.md.
+
+    \b
+    Examples:
+      tlfx compare --train tr.h5 --test te.h5 --out report
+      tlfx compare --train tr.h5 --test te.h5 --heads linear,logistic,svm,random_forest,knn \\
+                   --search --baseline pixels --out report
+      tlfx compare --train tr.h5 --test te.h5 --heads svm --finetune ft.tlfx --learning-curve none --out r2
+    """
+    from ..compare import compare as run
+    from ..heads import list_heads
+
+    rep = run(train, test, heads or list_heads(), out, search=search, folds=folds, baseline=baseline,
+              finetune=finetune, learning_curve=learning_curve, allow_incomplete=allow_incomplete, n_boot=n_boot,
+              seed=seed, gallery=gallery, progress=not quiet, trust=trust, argv=_argv())
+    best = next(r for r in rep["rows"] if r["id"] == rep["best"])
+    width = max(len(r["label"]) for r in rep["rows"])
+    click.echo(f"{'row':<{width}}  accuracy  macro-F1  fit time")
+    for r in rep["rows"]:
+        fit = r["timing"].get("fit_seconds")
+        click.echo(f"{r['label']:<{width}}  {r['accuracy']:8.3f}  {r['macro_f1']:8.3f}  "
+                   f"{'-' if fit is None else f'{fit:7.2f} s'}")
+    click.echo(f"best: {best['label']} (accuracy {best['accuracy']:.3f}); report: {out}/report.html")
+
+
+def _argv():
+    args = sys.argv
+    return ["compare", *args[args.index("compare") + 1:]] if "compare" in args else None
+
+
+COMMANDS = [compare]

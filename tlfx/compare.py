@@ -1,0 +1,595 @@
+"""``tlfx compare``: every head (and a raw-pixel baseline, and fine-tuned models) on the same splits, quality beside cost.
+
+Hyperparameters are chosen by cross-validation on the training store only; the test store is used once per row,
+for the final numbers. All randomness (CV folds, bootstrap, subsampling, head seeds) comes from ``seed``, so the
+same command gives the same numbers; wall-clock measurements live only under ``timing`` keys.
+
+>>> from tlfx.compare import compare
+>>> report = compare("train.h5", "test.h5", ["logistic", "svm"], "report_dir", baseline="pixels")
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import platform
+import sys
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from . import __version__
+from .errors import TlfxError
+from .store import FeatureStore
+
+DEFAULT_CURVE = "1,5,10,50,100,all"
+CONFIG_KEYS = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess")
+
+
+# --------------------------------------------------------------------------------------------------- metrics
+def confusion(y, p, k: int) -> np.ndarray:
+    """``[k, k]`` counts, rows = true class, columns = predicted class."""
+    return np.bincount(np.asarray(y) * k + np.asarray(p), minlength=k * k).reshape(k, k)
+
+
+def per_class_scores(cm: np.ndarray) -> dict:
+    """Precision, recall, F1 and support per class from a confusion matrix (0 where undefined)."""
+    tp = np.diag(cm).astype(float)
+    pred, true = cm.sum(0).astype(float), cm.sum(1).astype(float)
+    prec = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
+    rec = np.divide(tp, true, out=np.zeros_like(tp), where=true > 0)
+    f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
+    return {"precision": prec, "recall": rec, "f1": f1, "support": true.astype(int)}
+
+
+def macro_f1_from_cm(cm: np.ndarray) -> float:
+    """Macro-F1 over the classes present in the truth or the predictions (scikit-learn's convention)."""
+    s = per_class_scores(cm)
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    return float(s["f1"][present].mean()) if present.any() else 0.0
+
+
+def bootstrap_ci(y, p, k: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap intervals of accuracy and macro-F1 over test examples (fixed seed)."""
+    y, p = np.asarray(y), np.asarray(p)
+    n = len(y)
+    if n == 0 or n_boot <= 0:
+        return {"accuracy": [None, None], "macro_f1": [None, None]}
+    rng = np.random.default_rng(seed)
+    codes = y * k + p
+    accs = np.empty(n_boot)
+    f1s = np.empty(n_boot)
+    for b in range(n_boot):
+        idx = rng.integers(0, n, n)
+        c = codes[idx]
+        cm = np.bincount(c, minlength=k * k).reshape(k, k)
+        accs[b] = np.trace(cm) / n
+        f1s[b] = macro_f1_from_cm(cm)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return {"accuracy": [float(np.percentile(accs, lo)), float(np.percentile(accs, hi))],
+            "macro_f1": [float(np.percentile(f1s, lo)), float(np.percentile(f1s, hi))]}
+
+
+def scores(y, p, k: int, n_boot: int, seed: int) -> dict:
+    cm = confusion(y, p, k)
+    pc = per_class_scores(cm)
+    ci = bootstrap_ci(y, p, k, n_boot, seed)
+    return {
+        "accuracy": float(np.trace(cm) / max(len(y), 1)),
+        "accuracy_ci95": ci["accuracy"],
+        "macro_f1": macro_f1_from_cm(cm),
+        "macro_f1_ci95": ci["macro_f1"],
+        "per_class": {k_: [round(float(v), 6) for v in vals] for k_, vals in pc.items()},
+        "confusion": cm.tolist(),
+        "n_test": int(len(y)),
+        "n_errors": int(len(y) - np.trace(cm)),
+    }
+
+
+# ------------------------------------------------------------------------------------------------ parsing
+def parse_heads(spec) -> list[str]:
+    """'linear,svm' (or a list) -> validated head names; unknown ones are refused with the valid choices."""
+    from .plugins import registry
+
+    reg = registry("head")
+    names = spec if isinstance(spec, (list, tuple)) else [h.strip() for h in str(spec or "").split(",") if h.strip()]
+    if not names:
+        raise TlfxError(f"no heads given; pass --heads with one or more of: {', '.join(reg.names())}")
+    for n in names:
+        reg.get(n)  # raises: unknown head 'x'; valid choices: ...
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise TlfxError(f"head {dup[0]!r} is listed twice in --heads; list each head once")
+    return list(names)
+
+
+def parse_curve(spec) -> list:
+    """'1,5,10,all' -> [1, 5, 10, 'all']; 'none' or '' -> [] (no learning curves)."""
+    if spec is None or (isinstance(spec, str) and spec.strip().lower() in ("", "none", "off", "no")):
+        return []
+    items = spec if isinstance(spec, (list, tuple)) else str(spec).split(",")
+    out = []
+    for it in items:
+        s = str(it).strip().lower()
+        if s == "all":
+            v = "all"
+        else:
+            try:
+                v = int(s)
+            except ValueError:
+                v = 0
+            if v < 1:
+                raise TlfxError(f"--learning-curve value {it!r} is not a positive integer or 'all'; "
+                                f"e.g. --learning-curve {DEFAULT_CURVE} (or none)")
+        if v not in out:
+            out.append(v)
+    return sorted(out, key=lambda v: (v == "all", v if v != "all" else 0))
+
+
+# ------------------------------------------------------------------------------------------------- stores
+@dataclass
+class Split:
+    """A store's labelled rows in memory."""
+
+    store: FeatureStore
+    X: np.ndarray
+    y: np.ndarray
+    ids: list
+    rows: np.ndarray  # row indices in the store (unlabelled rows dropped)
+
+    @classmethod
+    def read(cls, store: FeatureStore) -> Split:
+        y = store.labels
+        keep = np.flatnonzero(y >= 0)
+        X = np.asarray(store.features, dtype=np.float32)
+        ids = store.ids
+        return cls(store, X[keep], y[keep], [ids[i] for i in keep], keep)
+
+    def describe(self) -> dict:
+        a = self.store.attrs
+        return {
+            "path": os.path.abspath(self.store.path),
+            "dataset": a.get("dataset"), "split": a.get("split"), "limit": int(a.get("limit") or 0),
+            "n_rows": int(len(self.store)), "n_labelled": int(len(self.y)),
+            "dim": int(self.X.shape[1]) if self.X.ndim == 2 else 0,
+            "n_skipped": len(self.store.skipped), "complete": self.store.complete,
+            "class_counts": np.bincount(self.y, minlength=len(self.store.class_names)).tolist(),
+            "dataset_fingerprint": a.get("dataset_fingerprint"),
+        }
+
+
+def open_pair(train: str, test: str, allow_incomplete: bool = False) -> tuple[FeatureStore, FeatureStore]:
+    """Open the train and test stores and refuse pairs whose features or classes are not comparable."""
+    tr = FeatureStore(train, allow_incomplete=allow_incomplete)
+    te = FeatureStore(test, allow_incomplete=allow_incomplete)
+    diff = [k for k in CONFIG_KEYS if tr.config.get(k) != te.config.get(k)]
+    if diff:
+        def show(v):
+            return v.get("name") if isinstance(v, dict) and "sha256" in v else v
+
+        detail = "; ".join(f"{k}: {show(tr.config.get(k))} vs {show(te.config.get(k))}" for k in diff)
+        raise TlfxError(f"train store {train!r} and test store {test!r} were made with different backbone "
+                        f"configurations ({detail}); extract both with the same --backbone/--layers/--pooling/--image-size")
+    if tr.class_names != te.class_names:
+        raise TlfxError(f"train store {train!r} and test store {test!r} have different class names "
+                        f"({len(tr.class_names)} vs {len(te.class_names)} classes); extract both from the same dataset")
+    for st, what in ((tr, "train"), (te, "test")):
+        if not (st.labels >= 0).any():
+            raise TlfxError(f"{what} store {st.path!r} has no labelled rows; compare needs labels on both splits")
+    return tr, te
+
+
+# ------------------------------------------------------------------------------------------------- fitting
+def _seeded(est, seed: int):
+    params = est.get_params()
+    if "random_state" in params and params["random_state"] is None:
+        est.set_params(random_state=seed)
+    return est
+
+
+def _reseed(seed: int):
+    np.random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def _predict(est, X):
+    """Predicted label indices (heads may return class labels; they are the store's label integers)."""
+    return np.asarray(est.predict(X)).astype(np.int64)
+
+
+def _search(name: str, X, y, folds: int, seed: int, warn: list | None = None):
+    """Grid search with stratified CV on the training rows only; returns (best params, CV accuracy, seconds, n folds)."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    from .heads import create_head, param_grid
+
+    grid = param_grid(name)
+    if not grid:
+        return {}, None, 0.0, 0
+    min_count = int(np.bincount(y).max(initial=0) and np.bincount(y)[np.bincount(y) > 0].min())
+    k = min(folds, min_count)
+    if k < 2:
+        raise TlfxError(f"--search needs at least 2 training examples per class (smallest class has {min_count}); "
+                        f"drop --search or add data")
+    t0 = time.perf_counter()
+    _reseed(seed)
+    gs = GridSearchCV(_seeded(create_head(name), seed), grid, scoring="accuracy", refit=False, n_jobs=1,
+                      cv=StratifiedKFold(k, shuffle=True, random_state=seed), error_score=np.nan)
+    with collect_warnings(warn):
+        gs.fit(X, y)
+    best = {key: _plain(v) for key, v in gs.best_params_.items()}
+    return best, float(gs.best_score_), time.perf_counter() - t0, k
+
+
+def _plain(v):
+    if isinstance(v, np.generic):
+        return v.item()
+    return v
+
+
+@contextlib.contextmanager
+def collect_warnings(into: list | None):
+    """Keep library warnings (convergence, deprecations) out of the progress display; record them in ``into``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    if into is not None:
+        for w in caught:
+            msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}"
+            if msg not in into:
+                into.append(msg)
+
+
+def fit_head(name: str, X, y, params: dict, seed: int, warn: list | None = None):
+    """A fresh head ``name`` with ``params`` (seeded) fitted on X, y; returns (estimator, fit seconds)."""
+    from .heads import create_head
+
+    est = _seeded(create_head(name, **params), seed)
+    _reseed(seed)
+    with collect_warnings(warn):
+        t0 = time.perf_counter()
+        est.fit(X, y)
+        seconds = time.perf_counter() - t0
+    return est, seconds
+
+
+def save_head(est, name: str, params: dict, store: FeatureStore, path: str, extra: dict | None = None) -> int:
+    """Save a fitted head in the HeadModel file format; returns the file size in bytes."""
+    from .head_model import HeadModel
+
+    model = HeadModel.from_estimator(est, head=name, params=params, config=store.config,
+                                     class_names=store.class_names, extra=extra or {}, store=store)
+    model.save(path)
+    return os.path.getsize(path)
+
+
+def subsample_per_class(y, k: int, seed: int) -> np.ndarray:
+    """Row indices with at most ``k`` examples of each class; nested across k for one seed."""
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        picked.append(rng.permutation(idx)[:k])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
+# -------------------------------------------------------------------------------------------------- report
+@dataclass
+class Progress:
+    total: int
+    enabled: bool = False
+    bar: object = None
+    log: list = field(default_factory=list)
+
+    def __post_init__(self):
+        if self.enabled:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True, file=sys.stderr,
+                            bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+
+    def step(self, what: str):
+        self.log.append(what)
+        if self.bar is not None:
+            self.bar.set_description_str(what[:48].ljust(48))
+
+    def done(self, n: int = 1):
+        if self.bar is not None:
+            self.bar.update(n)
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _slug(s: str) -> str:
+    return "".join(ch if ch.isalnum() or ch in "-_." else "-" for ch in s).strip("-") or "row"
+
+
+def _feature_label(store: FeatureStore) -> str:
+    c = store.config
+    layers = c.get("layers") or []
+    lay = "multi, " if len(layers) > 1 else ("" if layers in ([], ["penultimate"]) else f"{layers[0]}, ")
+    return f"{c.get('backbone')} ({lay}{c.get('image_size')} px)"
+
+
+def compare(train: str, test: str, heads, out: str, *, search: bool = False, folds: int = 3,
+            baseline: str | None = None, finetune=(), learning_curve=DEFAULT_CURVE, allow_incomplete: bool = False,
+            n_boot: int = 1000, seed: int = 0, gallery: int = 24, progress: bool = False, trust: bool = False,
+            argv: list | None = None) -> dict:
+    """Fit every head on ``train``, score it once on ``test``, and write report.html/.json/.md into ``out``.
+
+    Returns the report dictionary (what ``report.json`` holds).
+    """
+    from .report import write_reports
+
+    t_start = time.perf_counter()
+    head_names = parse_heads(heads)
+    points = parse_curve(learning_curve)
+    if folds < 2:
+        raise TlfxError(f"--cv must be at least 2 folds, got {folds}")
+    if n_boot < 0:
+        raise TlfxError(f"--bootstrap must be 0 or more resamples, got {n_boot}")
+    if baseline:
+        from .plugins import registry
+
+        registry("backbone").get(baseline)
+    finetune = list(finetune or ())
+    from .models import read_meta
+
+    for path in finetune:
+        read_meta(path)
+    if os.path.exists(out) and not os.path.isdir(out):
+        raise TlfxError(f"--out {out!r} is a file; pass a directory for the report")
+    tr_store, te_store = open_pair(train, test, allow_incomplete)
+    try:
+        os.makedirs(os.path.join(out, "models"), exist_ok=True)
+    except OSError as exc:
+        raise TlfxError(f"cannot create report directory {out!r}: {exc.strerror or exc}") from None
+
+    class_names = tr_store.class_names
+    k = len(class_names)
+    n_sets = 2 if baseline else 1
+    n_steps = (n_sets * len(head_names) * (2 if search else 1) + n_sets * len(head_names) * len(points)
+               + len(finetune) + (2 if baseline else 0) + 2)
+    prog = Progress(n_steps, progress)
+    timing: dict = {}
+    try:
+        prog.step("reading stores")
+        feature_sets = [("main", _feature_label(tr_store), Split.read(tr_store), Split.read(te_store))]
+        baseline_info = None
+        if baseline:
+            t0 = time.perf_counter()
+            b_tr, b_te, baseline_info = _extract_baseline(baseline, tr_store, te_store, out, prog)
+            timing["baseline_extract_seconds"] = time.perf_counter() - t0
+            feature_sets.append(("baseline", _feature_label(b_tr), Split.read(b_tr), Split.read(b_te)))
+
+        rows, curves = [], []
+        for set_kind, set_label, s_tr, s_te in feature_sets:
+            for name in head_names:
+                row = _head_row(set_kind, set_label, name, s_tr, s_te, k, search, folds, seed, n_boot, out, prog)
+                rows.append(row)
+                if points:
+                    curves.append(_curve(set_kind, set_label, name, s_tr, s_te, points, row, search, seed, prog))
+        for path in finetune:
+            rows.append(_model_row(path, te_store, k, n_boot, seed, trust, prog))
+
+        best = max(rows, key=lambda r: (r["accuracy"], r["macro_f1"], -rows.index(r)))
+        pareto = pareto_front(rows)
+        report = {
+            "tlfx_version": __version__,
+            "command": argv,
+            "config": {
+                "train": os.path.abspath(train), "test": os.path.abspath(test), "heads": head_names,
+                "search": bool(search), "cv_folds": folds, "baseline": baseline,
+                "finetune": [os.path.abspath(p) for p in finetune],
+                "learning_curve": points, "bootstrap_resamples": n_boot, "ci_level": 0.95, "seed": seed,
+                "allow_incomplete": bool(allow_incomplete), "backbone_config": tr_store.config,
+            },
+            "data": {"class_names": class_names, "train": feature_sets[0][2].describe(), "test": feature_sets[0][3].describe()},
+            "baseline": baseline_info,
+            "rows": rows,
+            "best": best["id"],
+            "learning_curves": {"points": points, "curves": curves},
+            "timing": {"pareto_front": pareto},
+            "environment": {"python": platform.python_version(), "platform": platform.platform(),
+                            "cpu_count": os.cpu_count()},
+        }
+        prog.step("misclassified gallery")
+        test_split = feature_sets[0][3] if best["features"] != "baseline" else feature_sets[1][3]
+        report["gallery"] = _gallery_items(best, test_split, gallery)
+        prog.done()
+        prog.step("figures and report")
+        timing["total_seconds"] = time.perf_counter() - t_start
+        report["timing"].update(timing)
+        write_reports(report, out, te_store)
+        prog.done()
+    finally:
+        prog.close()
+    return report
+
+
+def _extract_baseline(name: str, tr_store: FeatureStore, te_store: FeatureStore, out: str, prog: Progress):
+    """Re-extract the same dataset splits as the stores with backbone ``name`` (e.g. pixels) into ``out``."""
+    from .extract import extract
+
+    stores = []
+    for st, what in ((tr_store, "train"), (te_store, "test")):
+        prog.step(f"baseline {name}: {what} split")
+        a = st.attrs
+        if not a.get("dataset"):
+            raise TlfxError(f"store {st.path!r} does not record its dataset; --baseline needs stores made by tlfx extract")
+        path = os.path.join(out, f"baseline-{_slug(name)}-{what}.h5")
+        kw = dict(split=a.get("split") or None, root=a.get("data_root") or None, limit=int(a.get("limit") or 0) or None,
+                  precision="fp32", progress=False)
+        try:
+            try:
+                extract(name, a["dataset"], path, **kw)
+            except TlfxError as exc:
+                if "another configuration" not in str(exc) and "not a tlfx store" not in str(exc):
+                    raise
+                extract(name, a["dataset"], path, overwrite=True, **kw)
+        except TlfxError as exc:
+            raise TlfxError(f"--baseline {name}: cannot re-read the images of {st.path!r} ({exc.message})") from None
+        b = FeatureStore(path)
+        if b.attrs.get("dataset_fingerprint") != a.get("dataset_fingerprint") or int(b.attrs.get("n_items", -1)) != int(
+                a.get("n_items", -2)):
+            raise TlfxError(f"--baseline {name}: the images of {a.get('dataset')!r} ({a.get('split')}) changed since "
+                            f"{st.path!r} was extracted; extract the store again")
+        stores.append(b)
+        prog.done()
+    info = {"backbone": name, "train": os.path.relpath(stores[0].path, out), "test": os.path.relpath(stores[1].path, out),
+            "config": stores[0].config}
+    return stores[0], stores[1], info
+
+
+def _head_row(set_kind, set_label, name, s_tr: Split, s_te: Split, k, search, folds, seed, n_boot, out, prog):
+    params, cv_score, search_s, n_folds = {}, None, 0.0, 0
+    warn: list = []
+    if search:
+        prog.step(f"{name} on {set_label.split(' ')[0]}: CV search")
+        params, cv_score, search_s, n_folds = _search(name, s_tr.X, s_tr.y, folds, seed, warn)
+        prog.done()
+    prog.step(f"{name} on {set_label.split(' ')[0]}: fit + test")
+    est, fit_s = fit_head(name, s_tr.X, s_tr.y, params, seed, warn)
+    with collect_warnings(warn):
+        t0 = time.perf_counter()
+        pred = _predict(est, s_te.X)
+        predict_s = time.perf_counter() - t0
+    row_id = name if set_kind == "main" else f"{_slug(set_label.split(' ')[0])}/{name}"
+    model_path = os.path.join(out, "models", f"{_slug(row_id.replace('/', '-'))}.tlfx")
+    size = save_head(est, name, params, s_tr.store, model_path, {"train_seconds": fit_s, "cv_score": cv_score})
+    row = {
+        "id": row_id,
+        "label": name if set_kind == "main" else f"{name} (baseline: {set_label.split(' ')[0]})",
+        "kind": "head" if set_kind == "main" else "baseline",
+        "features": set_kind,
+        "feature_label": set_label,
+        "head": name,
+        "params": {key: _plain(v) for key, v in params.items()},
+        "cv": {"accuracy": cv_score, "folds": n_folds} if search else None,
+        "n_train": int(len(s_tr.y)),
+        **scores(s_te.y, pred, k, n_boot, seed),
+        "model_file": os.path.relpath(model_path, out),
+        "size_bytes": int(size),
+        "predictions": pred.tolist(),
+        "warnings": warn,
+        "timing": {"fit_seconds": fit_s, "search_seconds": search_s, "predict_seconds": predict_s,
+                   "predict_seconds_per_1000": predict_s / max(len(s_te.y), 1) * 1000.0},
+    }
+    prog.done()
+    return row
+
+
+def _curve(set_kind, set_label, name, s_tr: Split, s_te: Split, points, row, search, seed, prog):
+    """Test accuracy of the head (default parameters) trained on k examples per class, for each k."""
+    counts = np.bincount(s_tr.y)
+    largest = int(counts.max()) if len(counts) else 0
+    out = {"row": row["id"], "head": name, "features": set_kind, "feature_label": set_label,
+           "per_class": [], "n_train": [], "accuracy": [], "errors": []}
+    warn: list = []
+    seen_all = False
+    for p in points:
+        prog.step(f"curve {name} on {set_label.split(' ')[0]}: {p}/class")
+        kk = largest if p == "all" else min(int(p), largest)
+        if kk >= largest:
+            if seen_all:
+                prog.done()
+                continue
+            seen_all = True
+        rows_idx = subsample_per_class(s_tr.y, kk, seed)
+        err = None
+        if kk >= largest and not search:
+            acc = row["accuracy"]  # the row itself: default parameters on the whole training store
+        else:
+            Xs, ys = s_tr.X[rows_idx], s_tr.y[rows_idx]
+            try:
+                from .heads import create_head
+
+                params = {}
+                n_nb = create_head(name).get_params().get("n_neighbors")
+                if isinstance(n_nb, int) and n_nb > len(ys):
+                    params["n_neighbors"] = len(ys)  # kNN cannot ask for more neighbours than examples
+                est, _ = fit_head(name, Xs, ys, params, seed, warn)
+                with collect_warnings(warn):
+                    acc = float(np.mean(_predict(est, s_te.X) == s_te.y))
+            except Exception as exc:  # a head that cannot learn from so few examples is a point, not a failure
+                acc, err = None, f"{type(exc).__name__}: {str(exc).splitlines()[0][:160] if str(exc) else ''}"
+        out["per_class"].append("all" if kk >= largest else int(kk))
+        out["n_train"].append(int(len(rows_idx)))
+        out["accuracy"].append(acc)
+        out["errors"].append(err)
+        prog.done()
+    out["warnings"] = warn
+    return out
+
+
+def _model_row(path: str, te_store: FeatureStore, k: int, n_boot: int, seed: int, trust: bool, prog: Progress):
+    """A row for a saved model file (fine-tune, or any tlfx model) scored on the test store's rows."""
+    from .models import load_model
+
+    prog.step(f"model {os.path.basename(path)}")
+    model = load_model(path, trust=trust)
+    if model.class_names and model.class_names != te_store.class_names:
+        raise TlfxError(f"model {path!r} was trained on other classes than the test store {te_store.path!r}; "
+                        f"use a model trained on the same dataset")
+    labels = te_store.labels
+    warn: list = []
+    with collect_warnings(warn):
+        t0 = time.perf_counter()
+        proba = np.asarray(model.predict_proba_store(te_store))
+        predict_s = time.perf_counter() - t0
+    if proba.shape[0] != len(labels):
+        raise TlfxError(f"model {path!r} returned {proba.shape[0]} predictions for {len(labels)} test rows")
+    keep = labels >= 0
+    pred = proba.argmax(1).astype(np.int64)[keep]
+    y = labels[keep]
+    meta = model.meta
+    name = meta.get("name") or os.path.splitext(os.path.basename(path))[0]
+    fit_s = meta.get("train_seconds")
+    row = {
+        "id": f"model/{name}",
+        "label": f"{name} ({model.kind})",
+        "kind": model.kind,
+        "features": "model",
+        "feature_label": (model.config or {}).get("backbone") or meta.get("backbone") or "",
+        "head": meta.get("head") or model.kind,
+        "params": meta.get("params") or {},
+        "cv": None,
+        "n_train": meta.get("n_train"),
+        **scores(y, pred, k, n_boot, seed),
+        "model_file": os.path.abspath(path),
+        "size_bytes": int(os.path.getsize(path)),
+        "predictions": pred.tolist(),
+        "warnings": warn,
+        "timing": {"fit_seconds": float(fit_s) if fit_s is not None else None, "search_seconds": 0.0,
+                   "predict_seconds": predict_s, "predict_seconds_per_1000": predict_s / max(len(y), 1) * 1000.0},
+    }
+    prog.done()
+    return row
+
+
+def pareto_front(rows) -> list[str]:
+    """Ids of rows that no other row beats on both accuracy (higher) and fit time (lower)."""
+    pts = [(r["id"], r["accuracy"], (r.get("timing") or {}).get("fit_seconds")) for r in rows]
+    pts = [p for p in pts if p[2] is not None]
+    front = []
+    for rid, acc, t in pts:
+        dominated = any((a2 >= acc and t2 <= t) and (a2 > acc or t2 < t) for _, a2, t2 in pts)
+        if not dominated:
+            front.append(rid)
+    return front
+
+
+def _gallery_items(row: dict, s_te: Split, n: int) -> list[dict]:
+    """The first ``n`` misclassified test rows of ``row`` (in store order: deterministic)."""
+    pred = np.asarray(row["predictions"])
+    wrong = np.flatnonzero(pred != s_te.y)[:n] if len(pred) == len(s_te.y) else []
+    return [{"id": s_te.ids[i], "true": int(s_te.y[i]), "pred": int(pred[i])} for i in wrong]

@@ -1,0 +1,225 @@
+"""The report's figures, drawn with matplotlib's Agg backend (no display needed) into PNG files."""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+COLORS = {"main": "#1f77b4", "baseline": "#ff7f0e", "model": "#2ca02c"}
+HEAD_COLORS = ["#1f77b4", "#d62728", "#2ca02c", "#9467bd", "#8c564b", "#e377c2", "#17becf", "#bcbd22", "#7f7f7f",
+               "#ff7f0e"]
+
+
+def _plt():
+    import matplotlib
+
+    matplotlib.use("Agg", force=True)
+    import matplotlib.pyplot as plt
+
+    plt.rcParams.update({"font.size": 10, "axes.spines.top": False, "axes.spines.right": False,
+                         "axes.grid": True, "grid.alpha": 0.3, "figure.dpi": 100})
+    return plt
+
+
+def _save(fig, path):
+    fig.savefig(path, dpi=110, bbox_inches="tight", facecolor="white")
+    import matplotlib.pyplot as plt
+
+    plt.close(fig)
+    return path
+
+
+def make_figures(report: dict, directory: str, test_store=None) -> dict:
+    """Draw every figure the report has data for; returns {name: {path, title, caption}} in display order."""
+    os.makedirs(directory, exist_ok=True)
+    plt = _plt()
+    figs = {}
+    rows = report["rows"]
+    best = next(r for r in rows if r["id"] == report["best"])
+
+    def add(name, title, caption, fn):
+        path = os.path.join(directory, f"{name}.png")
+        fn(plt, path)
+        figs[name] = {"path": path, "title": title, "caption": caption}
+
+    if any((r.get("timing") or {}).get("fit_seconds") is not None for r in rows):
+        add("accuracy_vs_fit_time", "Accuracy vs fit time",
+            "Test accuracy (bars: 95% bootstrap CI) against wall-clock fit time, log scale. Rings and the dashed line "
+            "mark the Pareto front: no other row is both more accurate and faster to fit.",
+            lambda plt, p: _pareto(plt, p, rows, set(report["timing"].get("pareto_front", []))))
+    curves = report.get("learning_curves", {}).get("curves") or []
+    if curves:
+        add("learning_curves", "Learning curves",
+            "Test accuracy against labelled training examples per class (default parameters, fixed-seed subsets). "
+            "Solid: backbone features; dashed: the baseline.",
+            lambda plt, p: _curves(plt, p, curves, len(report["data"]["class_names"])))
+    add("confusion_best", f"Confusion matrix: {best['label']}",
+        f"Best row by test accuracy ({best['label']}, {best['accuracy']:.3f}). Colour: fraction of each true class; "
+        f"numbers: counts.",
+        lambda plt, p: _confusion(plt, p, best, report["data"]["class_names"]))
+    add("per_class_f1", "Per-class F1 across rows", "F1 score of each class (columns) for each row of the table.",
+        lambda plt, p: _per_class(plt, p, rows, report["data"]["class_names"]))
+    items = report.get("gallery") or []
+    if items:
+        images = load_gallery_images(test_store.attrs if test_store is not None else {}, [it["id"] for it in items])
+        if any(im is not None for im in images):
+            add("misclassified", f"Misclassified test images: {best['label']}",
+                f"The first {len(items)} test images the best row gets wrong, in store order: true label above, "
+                f"prediction below (red).",
+                lambda plt, p: _gallery(plt, p, items, images, report["data"]["class_names"]))
+    return figs
+
+
+def _pareto(plt, path, rows, front):
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    pts = [r for r in rows if (r.get("timing") or {}).get("fit_seconds") is not None]
+    for r in pts:
+        t = max(r["timing"]["fit_seconds"], 1e-4)
+        lo, hi = r["accuracy_ci95"]
+        yerr = [[r["accuracy"] - lo], [hi - r["accuracy"]]] if lo is not None else None
+        c = COLORS.get(r["features"], COLORS["model"])
+        ax.errorbar([t], [r["accuracy"]], yerr=yerr, fmt="o", color=c, ms=7, capsize=3, alpha=0.9)
+        if r["id"] in front:
+            ax.plot([t], [r["accuracy"]], "o", ms=15, mfc="none", mec="black", mew=1.4)
+        ax.annotate(r["label"], (t, r["accuracy"]), xytext=(7, -3), textcoords="offset points", fontsize=8.5)
+    fr = sorted((max(r["timing"]["fit_seconds"], 1e-4), r["accuracy"]) for r in pts if r["id"] in front)
+    if len(fr) > 1:
+        ax.step([p[0] for p in fr], [p[1] for p in fr], "k--", where="post", lw=1, alpha=0.6)
+    ax.set_xscale("log")
+    ax.set_xlabel("fit time (s, log scale)")
+    ax.set_ylabel("test accuracy")
+    handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=lbl) for key, c in COLORS.items()
+               for lbl in [{"main": "backbone features", "baseline": "baseline", "model": "model file"}[key]]
+               if any(r["features"] == key for r in pts)]
+    handles.append(plt.Line2D([], [], marker="o", ls="--", color="black", mfc="none", ms=10, label="Pareto front"))
+    ax.legend(handles=handles, loc="lower right", fontsize=9)
+    ax.margins(x=0.25)
+    return _save(fig, path)
+
+
+def _curves(plt, path, curves, n_classes):
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    heads = list(dict.fromkeys(c["head"] for c in curves))
+    ticks = set()
+    for c in curves:
+        xs, ys = [], []
+        for n, acc in zip(c["n_train"], c["accuracy"]):
+            if acc is not None:
+                xs.append(n / max(n_classes, 1))
+                ys.append(acc)
+        if not xs:
+            continue
+        ticks.update(xs)
+        color = HEAD_COLORS[heads.index(c["head"]) % len(HEAD_COLORS)]
+        style = "-" if c["features"] == "main" else "--"
+        label = c["head"] if c["features"] == "main" else f"{c['head']} ({c['feature_label'].split(' ')[0]})"
+        ax.plot(xs, ys, style, marker="o", ms=4, color=color, label=label, alpha=0.95 if style == "-" else 0.7)
+    ax.set_xscale("log")
+    if ticks:
+        ax.set_xticks(sorted(ticks))
+        ax.set_xticklabels([f"{t:.0f}" if t >= 10 or t == int(t) else f"{t:.1f}" for t in sorted(ticks)])
+        ax.minorticks_off()
+    ax.set_xlabel("labelled training examples per class (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8.5, ncol=2, loc="lower right")
+    return _save(fig, path)
+
+
+def _confusion(plt, path, row, class_names):
+    cm = np.asarray(row["confusion"], dtype=float)
+    k = len(class_names)
+    frac = cm / np.maximum(cm.sum(1, keepdims=True), 1)
+    size = min(10, 2.6 + 0.42 * k)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    im = ax.imshow(frac, cmap="Blues", vmin=0, vmax=1)
+    ax.grid(False)
+    if k <= 30:
+        for i in range(k):
+            for j in range(k):
+                if cm[i, j]:
+                    ax.text(j, i, int(cm[i, j]), ha="center", va="center", fontsize=8 if k <= 15 else 6,
+                            color="white" if frac[i, j] > 0.5 else "black")
+    labels = [n if len(n) <= 14 else n[:13] + "…" for n in class_names] if k <= 40 else []
+    ax.set_xticks(range(k) if labels else [])
+    ax.set_yticks(range(k) if labels else [])
+    if labels:
+        ax.set_xticklabels(labels, rotation=45, ha="right")
+        ax.set_yticklabels(labels)
+    ax.set_xlabel("predicted class")
+    ax.set_ylabel("true class")
+    fig.colorbar(im, ax=ax, fraction=0.04, pad=0.02, label="fraction of true class")
+    return _save(fig, path)
+
+
+def _per_class(plt, path, rows, class_names):
+    f1 = np.array([r["per_class"]["f1"] for r in rows], dtype=float)
+    k = len(class_names)
+    fig, ax = plt.subplots(figsize=(min(16, 3.5 + 0.75 * k), 1.2 + 0.42 * len(rows)))
+    im = ax.imshow(f1, cmap="viridis", vmin=0, vmax=1, aspect="auto")
+    ax.grid(False)
+    if k <= 30:
+        for i in range(len(rows)):
+            for j in range(k):
+                ax.text(j, i, f"{f1[i, j]:.2f}", ha="center", va="center", fontsize=7.5,
+                        color="black" if f1[i, j] > 0.6 else "white")
+    ax.set_yticks(range(len(rows)))
+    ax.set_yticklabels([r["label"] for r in rows])
+    if k <= 40:
+        ax.set_xticks(range(k))
+        ax.set_xticklabels([n if len(n) <= 14 else n[:13] + "…" for n in class_names], rotation=45, ha="right")
+    fig.colorbar(im, ax=ax, fraction=0.03, pad=0.01, label="F1")
+    return _save(fig, path)
+
+
+def _gallery(plt, path, items, images, class_names):
+    pairs = [(it, im) for it, im in zip(items, images) if im is not None]
+    cols = min(8, len(pairs))
+    nrows = (len(pairs) + cols - 1) // cols
+    fig, axes = plt.subplots(nrows, cols, figsize=(1.45 * cols, 1.85 * nrows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, (it, im) in zip(axes.flat, pairs):
+        ax.imshow(np.asarray(im), cmap="gray" if np.asarray(im).ndim == 2 else None)
+        ax.set_title(f"{_short(class_names[it['true']])}", fontsize=8, pad=2)
+        ax.text(0.5, -0.08, f"→ {_short(class_names[it['pred']])}", transform=ax.transAxes, ha="center", va="top",
+                fontsize=8, color="#c0392b")
+    fig.subplots_adjust(wspace=0.08, hspace=0.45)
+    return _save(fig, path)
+
+
+def _short(s, n=12):
+    return s if len(s) <= n else s[:n - 1] + "…"
+
+
+def load_gallery_images(attrs: dict, ids: list[str], size: int = 96) -> list:
+    """The test images behind store ids: re-open the store's dataset (files or built-in arrays) and index by id.
+
+    Returns a list of RGB PIL images (None where an image cannot be read any more).
+    """
+    from ..datasets import load_dataset
+    from ..images import open_image
+
+    out = [None] * len(ids)
+    ds = None
+    if attrs.get("dataset"):
+        try:
+            split = attrs.get("split") or None
+            ds = load_dataset(attrs["dataset"], split, root=attrs.get("data_root") or None,
+                              limit=int(attrs.get("limit") or 0) or None)
+        except Exception:
+            ds = None
+    pos = {str(i): n for n, i in enumerate(ds.ids)} if ds is not None else {}
+    for j, i in enumerate(ids):
+        try:
+            if i in pos:
+                img = ds.load(pos[i], target=size)
+            elif attrs.get("data_root"):
+                img = open_image(os.path.join(attrs["data_root"], i), size)
+            else:
+                continue
+            img.thumbnail((size, size))
+            out[j] = img
+        except Exception:  # a file moved since extraction: the gallery shows the others
+            out[j] = None
+    return out
