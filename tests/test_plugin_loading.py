@@ -144,6 +144,31 @@ def test_broken_plugins_are_recorded_and_the_rest_keeps_working(tmp_path):
     assert "never_seen" not in pm.registry("backbone")
 
 
+def test_plugins_dir_helpers_are_importable_not_loaded(tmp_path):
+    d = write(tmp_path / "p", _shared='SIZE = 8\nLOADED = []\n', uses_helper='''
+        import tlfx
+        from torch import nn
+
+        from . import _shared
+        from tlfx.backbone import Backbone, Preprocess, WeightsInfo
+
+        _shared.LOADED.append("uses_helper")
+
+        @tlfx.hookimpl
+        def register_backbones(register):
+            register("helper_sized", lambda weights=None: Backbone("helper_sized", nn.Flatten(),
+                     Preprocess(_shared.SIZE, _shared.SIZE), WeightsInfo("none")), description="size from a helper")
+        ''')
+    pm = PluginManager([str(d)])
+    assert [r.name for r in pm.records if r.source.startswith(str(d))] == ["uses_helper"]
+    assert record(pm, "uses_helper").error is None
+    bb = pm.registry("backbone").get("helper_sized").factory()
+    assert bb.preprocess.crop == 8
+    import tlfx_local_plugins._shared as shared
+
+    assert shared.LOADED == ["uses_helper"]  # imported once, by the plugin; not run as a plugin itself
+
+
 def test_invalid_registrations_are_refused_with_the_reason(tmp_path):
     d = write(tmp_path / "p", bad_names='''
         import tlfx

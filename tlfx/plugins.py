@@ -183,19 +183,22 @@ class PluginManager:
     def load_directory(self, directory: str):
         """Load every ``*.py`` file in ``directory`` as a plugin (for development, without packaging).
 
-        Files whose name starts with ``_`` are skipped (helpers a plugin imports itself).
+        Files whose name starts with ``_`` are not plugins but helpers a plugin imports: ``from . import _helper``.
         """
         path = Path(directory)
         if not path.is_dir():
             raise TlfxError(f"plugins directory {directory!r} does not exist; pass an existing directory")
-        for file in sorted(path.glob("*.py")):
+        files = sorted(path.glob("*.py"))
+        for file in files:  # helpers too, so that plugins can `from . import _helper`
+            _remember_local_file(file.stem, file)
+            sys.modules.pop(f"{LOCAL_PACKAGE}.{file.stem}", None)  # this directory's version, not a stale one
+        for file in files:
             if file.name.startswith("_"):
                 continue
             name = file.stem
             rec = PluginRecord(name, str(file), f"{LOCAL_PACKAGE}.{name}")
             try:
                 package = importlib.import_module(LOCAL_PACKAGE)
-                _remember_local_file(name, file)
                 spec = importlib.util.spec_from_file_location(rec.module, file)
                 module = importlib.util.module_from_spec(spec)
                 sys.modules[rec.module] = module
