@@ -154,3 +154,21 @@ def test_api_fit_search_and_model_objects(digits_stores, tmp_path):
     from_file = tlfx.evaluate(str(tmp_path / "k.tlfx"), test)
     assert rep["accuracy"] > 0.6 and rep["accuracy"] == from_file["accuracy"]
     assert rep["confusion_matrix"] == from_file["confusion_matrix"]
+
+
+@pytest.mark.slow  # two full CLI runs (extraction + fits): ~15 s of CPU
+def test_cli_demo_small_then_rerun_reuses_stores(tmp_path):
+    args = ["demo", "--data", "digits", "--train-limit", "120", "--test-limit", "60", "--image-size", "32",
+            "--heads", "knn,logistic", "--out", tmp_path / "demo", "--quiet"]
+    first = run_cli(*args, check=True)
+    lines = first.stdout.splitlines()
+    assert any(line.startswith("head") and "accuracy" in line and "fit s" in line for line in lines)
+    rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in ("knn", "logistic")}
+    assert set(rows) == {"knn", "logistic"} and all(0.2 < float(r[1]) <= 1 for r in rows.values())
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert [r["head"] for r in results["heads"]] == ["knn", "logistic"]
+    assert (tmp_path / "demo" / "models" / "logistic.tlfx").is_file()
+    again = run_cli(*args, check=True)
+    assert again.stderr.count("already complete") == 2
+    assert {line.split()[0]: line.split()[1] for line in again.stdout.splitlines() if line.split()
+            and line.split()[0] in rows} == {k: v[1] for k, v in rows.items()}

@@ -26,7 +26,7 @@ def _available(spec: str) -> bool:
 
 
 @click.command()
-@click.option("--out", "out_dir", default="tlfx-demo", show_default=True, type=click.Path(file_okay=False),
+@click.option("--out", "out_dir", default="demo-out", show_default=True, type=click.Path(file_okay=False),
               help="Directory for the feature stores, model files and results.json (re-used by later runs).")
 @click.option("--data", default=DEFAULT_DATA, show_default=True,
               help="Dataset spec with train and test splits (falls back to digits if Fashion-MNIST is missing).")
