@@ -260,3 +260,37 @@ def test_pixels_backbone_is_the_resized_image(tmp_path):
     assert grey.dim == 1024
     with pytest.raises(TlfxError, match="no weights"):
         tlfx.create_backbone("pixels", weights=str(tmp_path / "p.h5"))
+
+
+def test_search_chooses_parameters_by_cv_on_the_training_store_only(digits_stores, tmp_path):
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    from tlfx.heads import create_head, param_grid
+
+    tr, te = digits_stores
+    rep = compare(tr, te, ["knn"], str(tmp_path / "r"), search=True, learning_curve="none", n_boot=50)
+    row = rep["rows"][0]
+    st = FeatureStore(tr)
+    ref = GridSearchCV(create_head("knn"), param_grid("knn"), scoring="accuracy", refit=False,
+                       cv=StratifiedKFold(3, shuffle=True, random_state=0)).fit(st.features, st.labels)
+    assert row["params"] == ref.best_params_ and row["cv"] == {"accuracy": pytest.approx(ref.best_score_), "folds": 3}
+    assert rep["config"]["search"] is True and row["timing"]["search_seconds"] > 0
+    assert "CV acc." in (tmp_path / "r" / "report.html").read_text()
+
+
+@pytest.mark.slow
+def test_finetune_model_row(digits_stores, tmp_path):
+    """A real (tiny) fine-tune from the fine-tune plugin becomes a row: images re-read, train_seconds as fit time."""
+    tr, te = digits_stores
+    ft = tmp_path / "ft.tlfx"
+    proc = run_cli("finetune", "--data", "digits", "--limit", "200", "--image-size", "32", "--epochs", "1",
+                   "--unfreeze", "head", "--val-fraction", "0", "--quiet", "--out", ft)
+    assert proc.returncode == 0, proc.stderr
+    rep = compare(tr, te, ["knn"], str(tmp_path / "r"), finetune=[str(ft)], learning_curve="none", n_boot=50)
+    row = rep["rows"][-1]
+    from tlfx.models import read_meta
+
+    meta = read_meta(str(ft))
+    assert row["kind"] == "finetune" and row["timing"]["fit_seconds"] == pytest.approx(meta["train_seconds"])
+    assert row["n_test"] == len(FeatureStore(te)) and row["accuracy"] > 0.1
+    assert row["size_bytes"] == ft.stat().st_size and "fine-tuned" in row["feature_label"]

@@ -204,7 +204,8 @@ def _predict(est, X):
     return np.asarray(est.predict(X)).astype(np.int64)
 
 
-def _search(name: str, X, y, folds: int, seed: int, warn: list | None = None):
+def _search(name: str, X, y, folds: int, seed: int, warn: list | None = None, engine: str = "local",
+            address: str | None = None):
     """Grid search with stratified CV on the training rows only; returns (best params, CV accuracy, seconds, n folds)."""
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
@@ -220,9 +221,12 @@ def _search(name: str, X, y, folds: int, seed: int, warn: list | None = None):
                         f"drop --search or add data")
     t0 = time.perf_counter()
     _reseed(seed)
-    gs = GridSearchCV(_seeded(create_head(name), seed), grid, scoring="accuracy", refit=False, n_jobs=1,
+    from .engines import search_backend
+
+    # n_jobs unset: one process locally, every CPU of the cluster with --engine ray (joblib backend)
+    gs = GridSearchCV(_seeded(create_head(name), seed), grid, scoring="accuracy", refit=False,
                       cv=StratifiedKFold(k, shuffle=True, random_state=seed), error_score=np.nan)
-    with collect_warnings(warn):
+    with collect_warnings(warn), search_backend(engine, address):
         gs.fit(X, y)
     best = {key: _plain(v) for key, v in gs.best_params_.items()}
     return best, float(gs.best_score_), time.perf_counter() - t0, k
@@ -323,7 +327,7 @@ def _feature_label(store: FeatureStore) -> str:
 def compare(train: str, test: str, heads, out: str, *, search: bool = False, folds: int = 3,
             baseline: str | None = None, finetune=(), learning_curve=DEFAULT_CURVE, allow_incomplete: bool = False,
             n_boot: int = 1000, seed: int = 0, gallery: int = 24, progress: bool = False, trust: bool = False,
-            argv: list | None = None) -> dict:
+            engine: str = "local", address: str | None = None, argv: list | None = None) -> dict:
     """Fit every head on ``train``, score it once on ``test``, and write report.html/.json/.md into ``out``.
 
     Returns the report dictionary (what ``report.json`` holds).
@@ -335,6 +339,9 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
     points = parse_curve(learning_curve)
     if folds < 2:
         raise TlfxError(f"--cv must be at least 2 folds, got {folds}")
+    from .engines import check_engine
+
+    engine = check_engine(engine)
     if n_boot < 0:
         raise TlfxError(f"--bootstrap must be 0 or more resamples, got {n_boot}")
     if baseline:
@@ -374,7 +381,8 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
         rows, curves = [], []
         for set_kind, set_label, s_tr, s_te in feature_sets:
             for name in head_names:
-                row = _head_row(set_kind, set_label, name, s_tr, s_te, k, search, folds, seed, n_boot, out, prog)
+                row = _head_row(set_kind, set_label, name, s_tr, s_te, k, search, folds, seed, n_boot, out, prog,
+                                engine, address)
                 rows.append(row)
                 if points:
                     curves.append(_curve(set_kind, set_label, name, s_tr, s_te, points, row, search, seed, prog))
@@ -388,7 +396,7 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
             "command": argv,
             "config": {
                 "train": os.path.abspath(train), "test": os.path.abspath(test), "heads": head_names,
-                "search": bool(search), "cv_folds": folds, "baseline": baseline,
+                "search": bool(search), "cv_folds": folds, "search_engine": engine, "baseline": baseline,
                 "finetune": [os.path.abspath(p) for p in finetune],
                 "learning_curve": points, "bootstrap_resamples": n_boot, "ci_level": 0.95, "seed": seed,
                 "allow_incomplete": bool(allow_incomplete), "backbone_config": tr_store.config,
@@ -450,12 +458,13 @@ def _extract_baseline(name: str, tr_store: FeatureStore, te_store: FeatureStore,
     return stores[0], stores[1], info
 
 
-def _head_row(set_kind, set_label, name, s_tr: Split, s_te: Split, k, search, folds, seed, n_boot, out, prog):
+def _head_row(set_kind, set_label, name, s_tr: Split, s_te: Split, k, search, folds, seed, n_boot, out, prog,
+              engine="local", address=None):
     params, cv_score, search_s, n_folds = {}, None, 0.0, 0
     warn: list = []
     if search:
         prog.step(f"{name} on {set_label.split(' ')[0]}: CV search")
-        params, cv_score, search_s, n_folds = _search(name, s_tr.X, s_tr.y, folds, seed, warn)
+        params, cv_score, search_s, n_folds = _search(name, s_tr.X, s_tr.y, folds, seed, warn, engine, address)
         prog.done()
     prog.step(f"{name} on {set_label.split(' ')[0]}: fit + test")
     est, fit_s = fit_head(name, s_tr.X, s_tr.y, params, seed, warn)
@@ -556,10 +565,10 @@ def _model_row(path: str, te_store: FeatureStore, k: int, n_boot: int, seed: int
     fit_s = meta.get("train_seconds")
     row = {
         "id": f"model/{name}",
-        "label": f"{name} ({model.kind})",
+        "label": name if model.kind in name else f"{name} ({model.kind})",
         "kind": model.kind,
         "features": "model",
-        "feature_label": (model.config or {}).get("backbone") or meta.get("backbone") or "",
+        "feature_label": _model_feature_label(model),
         "head": meta.get("head") or model.kind,
         "params": meta.get("params") or {},
         "cv": None,
@@ -574,6 +583,15 @@ def _model_row(path: str, te_store: FeatureStore, k: int, n_boot: int, seed: int
     }
     prog.done()
     return row
+
+
+def _model_feature_label(model) -> str:
+    """What a model file's row runs on: its backbone (and how it was trained, for a fine-tune)."""
+    meta, cfg = model.meta, model.config or {}
+    backbone = cfg.get("backbone") or meta.get("backbone") or "?"
+    size = cfg.get("image_size") or meta.get("image_size")
+    how = f"fine-tuned ({meta['unfreeze']})" if meta.get("unfreeze") else ("cached features" if cfg else model.kind)
+    return f"{backbone} ({how}{f', {size} px' if size else ''})"
 
 
 def pareto_front(rows) -> list[str]:

@@ -2,6 +2,8 @@ import sys
 
 import click
 
+from ..engines import search_engine_options
+
 
 @click.command()
 @click.option("--train", "train", required=True, type=str, metavar="F.h5", help="Training feature store.")
@@ -24,8 +26,9 @@ import click
 @click.option("--trust", is_flag=True, help="Allow --finetune model files that need unpickling (only files you made).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for report.html/.json/.md.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
+@search_engine_options
 def compare(train, test, heads, search, folds, baseline, finetune, learning_curve, n_boot, seed, gallery,
-            allow_incomplete, trust, out, quiet):
+            allow_incomplete, trust, out, quiet, engine, address):
     """Compare heads (and a raw-pixel baseline, and fine-tuned models) on the same splits: quality beside cost.
 
     Writes DIR/report.html (one self-contained page), DIR/report.json (every number) and DIR/report.md.
@@ -36,13 +39,15 @@ def compare(train, test, heads, search, folds, baseline, finetune, learning_curv
       tlfx compare --train tr.h5 --test te.h5 --heads linear,logistic,svm,random_forest,knn \\
                    --search --baseline pixels --out report
       tlfx compare --train tr.h5 --test te.h5 --heads svm --finetune ft.tlfx --learning-curve none --out r2
+      tlfx compare --train tr.h5 --test te.h5 --search --engine ray --address auto --out r3
     """
     from ..compare import compare as run
     from ..heads import list_heads
 
     rep = run(train, test, heads or list_heads(), out, search=search, folds=folds, baseline=baseline,
               finetune=finetune, learning_curve=learning_curve, allow_incomplete=allow_incomplete, n_boot=n_boot,
-              seed=seed, gallery=gallery, progress=not quiet, trust=trust, argv=_argv())
+              seed=seed, gallery=gallery, progress=not quiet, trust=trust, engine=engine, address=address,
+              argv=_argv())
     best = next(r for r in rep["rows"] if r["id"] == rep["best"])
     width = max(len(r["label"]) for r in rep["rows"])
     click.echo(f"{'row':<{width}}  accuracy  macro-F1  fit time")
