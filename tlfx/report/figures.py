@@ -82,7 +82,6 @@ def _pareto(plt, path, rows, front):
         ax.errorbar([t], [r["accuracy"]], yerr=yerr, fmt="o", color=c, ms=7, capsize=3, alpha=0.9)
         if r["id"] in front:
             ax.plot([t], [r["accuracy"]], "o", ms=15, mfc="none", mec="black", mew=1.4)
-        ax.annotate(r["label"], (t, r["accuracy"]), xytext=(7, -3), textcoords="offset points", fontsize=8.5)
     fr = sorted((max(r["timing"]["fit_seconds"], 1e-4), r["accuracy"]) for r in pts if r["id"] in front)
     if len(fr) > 1:
         ax.step([p[0] for p in fr], [p[1] for p in fr], "k--", where="post", lw=1, alpha=0.6)
@@ -95,7 +94,26 @@ def _pareto(plt, path, rows, front):
     handles.append(plt.Line2D([], [], marker="o", ls="--", color="black", mfc="none", ms=10, label="Pareto front"))
     ax.legend(handles=handles, loc="lower right", fontsize=9)
     ax.margins(x=0.25)
+    _labels(fig, ax, [(max(r["timing"]["fit_seconds"], 1e-4), r["accuracy"], r["label"]) for r in pts])
     return _save(fig, path)
+
+
+def _labels(fig, ax, points):
+    """Name each point, moving a label down (then up) until it overlaps no label placed before it."""
+    fig.canvas.draw()
+    renderer = fig.canvas.get_renderer()
+    placed = []
+    for x, y, text in sorted(points, key=lambda p: (-p[1], p[0])):
+        for dy in (-3, -13, 7, -23, 17, -33, 27, -43, 37):
+            ann = ax.annotate(text, (x, y), xytext=(8, dy), textcoords="offset points", fontsize=8.5, va="center")
+            box = ann.get_window_extent(renderer).expanded(1.02, 1.1)
+            if not any(box.overlaps(b) for b in placed):
+                break
+            ann.remove()
+        else:
+            ann = ax.annotate(text, (x, y), xytext=(8, -3), textcoords="offset points", fontsize=8.5, va="center")
+            box = ann.get_window_extent(renderer)
+        placed.append(box)
 
 
 def _curves(plt, path, curves, n_classes):

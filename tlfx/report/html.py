@@ -178,7 +178,9 @@ def render_html(report: dict, figures: dict) -> str:
     w("<h2 id=\"config\">Configuration</h2>")
     if report.get("command"):
         w(f"<pre>tlfx {escape(' '.join(map(str, report['command'])))}</pre>")
-    w(f"<pre>{escape(json.dumps(cfg, indent=2))}</pre>")
+    from . import dumps
+
+    w(f"<pre>{escape(dumps(cfg))}</pre>")
     w(f"<p class=\"note\">Every number above is in report.json. Environment: Python {report['environment']['python']}, "
       f"{escape(report['environment']['platform'])}, {report['environment']['cpu_count']} CPUs.</p>")
     w("</main></body></html>\n")
