@@ -266,9 +266,9 @@ def test_search_with_the_ray_backend_finds_the_same_best_params(ray_cluster, dig
 
     local = search()
     with search_backend("ray"):
-        backend = type(joblib.parallel.get_active_backend()[0]).__name__
+        backend, n_jobs = joblib.parallel.get_active_backend()
         remote = search()
-    assert backend == "RayBackend"
+    assert type(backend).__name__ == "RayBackend" and n_jobs == -1  # every fit a Ray task, on all the cluster's CPUs
     assert remote.best_params_ == local.best_params_
     assert len(set(np.round(local.cv_results_["mean_test_score"], 4))) > 1  # the grid really discriminates
     np.testing.assert_allclose(remote.cv_results_["mean_test_score"], local.cv_results_["mean_test_score"])

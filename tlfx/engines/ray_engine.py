@@ -48,7 +48,7 @@ MAX_PARTS = 500
 MAX_BLOCK_LOSSES = 3  # a block that took this many workers down with it (out of memory?) stops the run
 START_GRACE_S = 120.0  # after the first worker is up, how long the others may take to find room on the cluster
 _LOST = (RayActorError, WorkerCrashedError, NodeDiedError, ObjectLostError)
-_FORWARDED_ENV = ("TLFX_PLUGINS_DIR", "TORCH_HOME", "HF_HOME", "TLFX_DEBUG")
+_FORWARDED_ENV = ("TLFX_PLUGINS_DIR", "TORCH_HOME", "HF_HOME", "TLFX_DEBUG", "HDF5_USE_FILE_LOCKING")
 
 
 def items_digest(ds: ImageDataset) -> str:
