@@ -285,3 +285,29 @@ def test_more_workers_than_the_cluster_fits_goes_on_with_those_that_fit(ray_clus
                                  on_block=lambda r: workers.add(r["pid"]), **{**COMMON, "limit": 48})
     assert res.n == 48 and len(workers) <= 2  # 2 CPUs: the third worker never started, and nothing hung
     assert re.search(r"fits only [12] of 3 workers; going on", capfd.readouterr().err)
+
+
+@needs_ray
+@pytest.mark.slow
+def test_local_engine_finishes_a_store_a_crashed_ray_run_left_with_gaps(ray_cluster, local_store, tmp_path):
+    """Ray leaves parts with holes; the local engine resumes after its contiguous prefix, and finalize joins only
+    the contiguous chain of parts, so the parts beyond a hole never add rows twice."""
+    from tlfx.engines.ray_engine import extract_ray
+    from tlfx.store import covered_until, list_parts
+
+    out = str(tmp_path / "mixed.h5")
+    seen = []
+
+    def crash(res):
+        seen.append(res)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        extract_ray("efficientnet_lite0", "digits", out, num_workers=2, part_size=PART, on_block=crash, **COMMON)
+    parts = list_parts(out)
+    os.unlink(parts[0][2])  # make sure there is a hole before later parts
+    assert covered_until(list_parts(out), LIMIT) == 0 and list_parts(out)
+    res = tlfx.extract("efficientnet_lite0", "digits", out, **COMMON)
+    assert res.n == LIMIT
+    assert_same_store(out, local_store)
