@@ -62,12 +62,13 @@ def _search_folds(y, cv: int) -> int:
 
 
 def fit(features, head: str, params: dict | None = None, search: bool = False, out: str | None = None, *,
-        cv: int = DEFAULT_CV, seed: int = 0, allow_incomplete: bool = False, export_joblib: bool = False,
-        verbose: bool = False) -> HeadModel:
+        cv: int = DEFAULT_CV, seed: int = 0, allow_incomplete: bool = False,
+        export_joblib: bool = False) -> HeadModel:
     """Train head ``head`` on the store at ``features`` and return a :class:`~tlfx.head_model.HeadModel`.
 
     ``params`` fix head parameters; ``search`` cross-validates the head's ``param_grid`` (StratifiedKFold with
-    ``cv`` folds, seeded) on the training store only, then refits the best setting on all of it. ``out`` saves the
+    ``cv`` folds) on the training store only, then refits the best setting on all of it. ``seed`` seeds the folds
+    and the head's ``random_state``/``seed`` unless ``params`` set them. ``out`` saves the
     model (``export_joblib`` also writes a pickle copy ``<out stem>.joblib``).
     """
     from sklearn.base import clone
@@ -77,8 +78,8 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
     store = features if isinstance(features, FeatureStore) else FeatureStore(features, allow_incomplete=allow_incomplete)
     params = dict(params or {})
     est = create_head(head, **params)
-    if "random_state" in est.get_params() and est.get_params()["random_state"] is None:
-        est.set_params(random_state=seed)
+    # one seed for everything random (CV folds, forests, Nystroem landmarks, the linear head), unless set by params
+    est.set_params(**{k: seed for k in ("random_state", "seed") if k in est.get_params(deep=False) and k not in params})
     X, y = _labeled(store)
     present = np.unique(y)
     if len(y) == 0:
