@@ -19,11 +19,11 @@ def _define():
     import numpy as np
     from sklearn.ensemble import RandomForestClassifier
     from sklearn.kernel_approximation import Nystroem
-    from sklearn.linear_model import LogisticRegression
+    from sklearn.linear_model import LogisticRegression, RidgeClassifier
     from sklearn.neighbors import KNeighborsClassifier
     from sklearn.pipeline import make_pipeline
     from sklearn.preprocessing import StandardScaler
-    from sklearn.svm import SVC, LinearSVC
+    from sklearn.svm import SVC
 
     from tlfx.heads import ClassifierHead, softmax
 
@@ -59,10 +59,11 @@ def _define():
         """Support vector machine on standardised features.
 
         Up to ``max_exact`` training rows: an exact kernel SVC (libsvm, one-vs-one). Above that, for the RBF kernel, a
-        Nystroem feature map with ``n_components`` landmarks followed by a linear SVM (cost grows linearly in rows, not
-        quadratically). ``predict_proba``: a softmax over the one-vs-rest decision values (ranks classes exactly like the
-        SVM's own decision, but is not calibrated); ``probability=True`` calibrates with Platt scaling on 3-fold
-        cross-validated decisions instead (about 3x slower to fit, exact SVC only).
+        Nystroem feature map with ``n_components`` landmarks followed by a ridge classifier (``alpha = 10 / C``);
+        its cost grows linearly in rows, not quadratically. ``predict_proba``: a softmax over the one-vs-rest
+        decision values (ranks classes exactly like the SVM's own decision, but is not calibrated);
+        ``probability=True`` calibrates with Platt scaling on 3-fold cross-validated decisions instead (about 3x
+        slower to fit, exact SVC only).
         """
 
         param_types = {"C": (float,), "kernel": ("rbf", "linear", "poly", "sigmoid"), "gamma": (float, "scale", "auto"),
@@ -95,7 +96,9 @@ def _define():
                     gamma = 1.0 / X.shape[1]
                 steps = [Nystroem(kernel="rbf", gamma=gamma, n_components=min(self.n_components, len(X)),
                                   random_state=self.random_state),
-                         LinearSVC(C=self.C, dual=False, max_iter=2000, random_state=self.random_state)]
+                         # ridge on the mapped features: ~20x faster than LinearSVC here at the same accuracy
+                         # (docs/heads.md); alpha = 10 / C keeps C's meaning (larger C, weaker penalty)
+                         RidgeClassifier(alpha=10.0 / self.C)]
                 self.model_ = make_pipeline(*([scaler] if scaler is not None else []), *steps)
             else:
                 svc = SVC(C=self.C, kernel=self.kernel, gamma=self.gamma, degree=self.degree,
@@ -182,7 +185,7 @@ def _factory(cls_name):
 HEADS = {
     "logistic": ("LogisticHead", "multinomial logistic regression on standardised features (lbfgs)",
                  {"C": [0.01, 0.1, 0.5, 2.0]}),
-    "svm": ("SVMHead", "RBF SVM on standardised features; Nystroem approximation above max_exact rows",
+    "svm": ("SVMHead", "RBF SVM on standardised features; Nystroem approximation + ridge above max_exact rows",
             {"C": [1.0, 10.0, 100.0]}),
     "random_forest": ("RandomForestHead", "random forest (200 trees, all cores)",
                       {"max_features": ["sqrt", 0.05], "min_samples_leaf": [1, 3]}),
