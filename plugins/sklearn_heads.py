@@ -41,7 +41,7 @@ def _define():
 
         param_types = {"C": (float,), "max_iter": (int,), "tol": (float,), "standardize": (bool,)}
 
-        def __init__(self, C=0.5, max_iter=1000, tol=1e-4, standardize=True):
+        def __init__(self, C=0.1, max_iter=1000, tol=1e-4, standardize=True):
             self.C = C
             self.max_iter = max_iter
             self.tol = tol
