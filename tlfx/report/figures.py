@@ -92,9 +92,9 @@ def _pareto(plt, path, rows, front):
                for lbl in [{"main": "backbone features", "baseline": "baseline", "model": "model file"}[key]]
                if any(r["features"] == key for r in pts)]
     handles.append(plt.Line2D([], [], marker="o", ls="--", color="black", mfc="none", ms=10, label="Pareto front"))
-    ax.legend(handles=handles, loc="lower right", fontsize=9)
     ax.margins(x=0.25)
     _labels(fig, ax, [(max(r["timing"]["fit_seconds"], 1e-4), r["accuracy"], r["label"]) for r in pts])
+    ax.legend(handles=handles, loc="best", fontsize=9)  # after the labels, so "best" avoids them too
     return _save(fig, path)
 
 
