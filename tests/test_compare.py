@@ -17,7 +17,7 @@ from tlfx.compare import bootstrap_ci, compare, confusion, macro_f1_from_cm, par
 from tlfx.errors import TlfxError
 from tlfx.store import FeatureStore, StoreWriter
 
-HEADS = "logistic,knn"  # the fast heads; every registered head goes through the same code
+HEADS = "svm,knn"  # fast on 600 rows; every registered head goes through the same code
 
 
 def strip_timing(obj):
@@ -47,7 +47,7 @@ def test_compare_writes_html_json_md_with_every_row(report_run, digits_stores):
         assert (out / name).stat().st_size > 0
     rep = json.loads((out / "report.json").read_text())
     ids = [r["id"] for r in rep["rows"]]
-    assert ids == ["logistic", "knn", "pixels/logistic", "pixels/knn"]
+    assert ids == ["svm", "knn", "pixels/svm", "pixels/knn"]
     y = FeatureStore(digits_stores[1]).labels
     for r in rep["rows"]:
         pred = np.array(r["predictions"])
@@ -61,14 +61,15 @@ def test_compare_writes_html_json_md_with_every_row(report_run, digits_stores):
         t = r["timing"]
         assert t["fit_seconds"] >= 0 and t["predict_seconds_per_1000"] > 0
         assert np.array(r["confusion"]).sum() == len(y)
+        assert r["params"] == {} and r["effective_params"]  # defaults, recorded in full
     # efficientnet features of 8x8 digits upscaled are far above chance (10 classes), and so are raw pixels
     assert min(r["accuracy"] for r in rep["rows"]) > 0.6
     assert rep["best"] in ids and set(rep["timing"]["pareto_front"]) <= set(ids)
     assert rep["baseline"]["backbone"] == "pixels" and os.path.isfile(out / rep["baseline"]["test"])
     # learning curves: one per (features, head), points 1, 5, all; accuracy grows from 1 to all examples per class
     curves = rep["learning_curves"]["curves"]
-    assert [(c["features"], c["head"]) for c in curves] == [("main", "logistic"), ("main", "knn"),
-                                                            ("baseline", "logistic"), ("baseline", "knn")]
+    assert [(c["features"], c["head"]) for c in curves] == [("main", "svm"), ("main", "knn"),
+                                                            ("baseline", "svm"), ("baseline", "knn")]
     for c in curves:
         assert c["per_class"] == [1, 5, "all"]
         assert c["n_train"][0] == 10 and c["n_train"][1] == 50 and c["n_train"][2] == 600
@@ -104,19 +105,19 @@ def test_model_file_row_matches_the_head_it_was_saved_from(report_run, digits_st
     """--finetune M adds a row from any model file through Model.predict_proba_store (here a saved head)."""
     out, _ = report_run
     tr, te = digits_stores
-    model = out / "models" / "logistic.tlfx"
+    model = out / "models" / "svm.tlfx"
     proc = run_cli("compare", "--train", tr, "--test", te, "--heads", "knn", "--finetune", model,
                    "--learning-curve", "none", "--bootstrap", "100", "--quiet", "--out", tmp_path / "r")
     assert proc.returncode == 0, proc.stderr
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
     first = json.loads((out / "report.json").read_text())
     row = rep["rows"][-1]
-    assert row["id"] == "model/logistic" and row["kind"] == "head" and row["features"] == "model"
-    orig = next(r for r in first["rows"] if r["id"] == "logistic")
+    assert row["id"] == "model/svm" and row["kind"] == "head" and row["features"] == "model"
+    orig = next(r for r in first["rows"] if r["id"] == "svm")
     assert row["predictions"] == orig["predictions"] and row["accuracy"] == orig["accuracy"]
     assert row["size_bytes"] == model.stat().st_size
     assert row["timing"]["fit_seconds"] == pytest.approx(orig["timing"]["fit_seconds"])  # meta train_seconds
-    assert "model/logistic" in (tmp_path / "r" / "report.html").read_text()
+    assert "model/svm" in (tmp_path / "r" / "report.html").read_text()
     assert rep["learning_curves"]["curves"] == []
 
 

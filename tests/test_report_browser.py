@@ -69,7 +69,7 @@ def report_dir(digits_stores, tmp_path_factory):
 
     tr, te = digits_stores
     out = tmp_path_factory.mktemp("browser") / "rep"
-    compare(tr, te, ["knn", "logistic"], str(out), baseline="pixels", learning_curve="1,all", n_boot=100)
+    compare(tr, te, ["knn", "svm"], str(out), baseline="pixels", learning_curve="1,all", n_boot=100)
     return out
 
 

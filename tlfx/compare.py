@@ -238,6 +238,15 @@ def _plain(v):
     return v
 
 
+def _json_params(est) -> dict:
+    """Every parameter the fitted head ran with (defaults included), JSON-safe."""
+    out = {}
+    for k, v in sorted(est.get_params(deep=False).items()):
+        v = _plain(v)
+        out[k] = v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
+    return out
+
+
 @contextlib.contextmanager
 def collect_warnings(into: list | None):
     """Keep library warnings (convergence, deprecations) out of the progress display; record them in ``into``."""
@@ -483,6 +492,7 @@ def _head_row(set_kind, set_label, name, s_tr: Split, s_te: Split, k, search, fo
         "feature_label": set_label,
         "head": name,
         "params": {key: _plain(v) for key, v in params.items()},
+        "effective_params": _json_params(est),
         "cv": {"accuracy": cv_score, "folds": n_folds} if search else None,
         "n_train": int(len(s_tr.y)),
         **scores(s_te.y, pred, k, n_boot, seed),

@@ -132,8 +132,10 @@ def render_html(report: dict, figures: dict) -> str:
             tags += "<span class=\"tag base\">baseline</span>"
         cv = r.get("cv") or {}
         t = r["timing"]
+        full = escape(_params(r.get("effective_params") or {}))
         w(f"<tr class=\"{' '.join(cls)}\" data-row=\"{escape(r['id'])}\"><td class=\"l\">{escape(r['label'])}{tags}</td>"
-          f"<td class=\"l feat\">{escape(r['feature_label'])}</td><td class=\"l params\">{escape(_params(r['params']))}</td>"
+          f"<td class=\"l feat\">{escape(r['feature_label'])}</td><td class=\"l params\" title=\"{full}\">"
+          f"{escape(_params(r['params']))}</td>"
           f"<td>{r['accuracy']:.3f} {_ci(r['accuracy_ci95'])}</td><td>{r['macro_f1']:.3f} {_ci(r['macro_f1_ci95'])}</td>"
           f"<td>{_num(cv.get('accuracy'), '')}</td><td>{_fmt_s(t.get('fit_seconds'))}</td>"
           f"<td>{_fmt_s(t.get('predict_seconds_per_1000'))}</td><td>{_fmt_bytes(r.get('size_bytes'))}</td></tr>")
