@@ -142,9 +142,6 @@ def test_predict_proba_store_reads_the_stores_images_in_row_order(ft, fashion_pn
     assert not bad and ok == files and p2.shape == (len(st2), 10) and np.allclose(p2, p_files, atol=1e-4)
 
 
-@pytest.mark.xfail(strict=True, reason="tlfx.api.evaluate calls check_config for every model kind; a finetune model "
-                   "reads images, not features (FinetuneModel.reads_features = False). Remove this marker once "
-                   "evaluate skips check_config for such models.")
 def test_evaluate_accepts_a_finetune_model(ft, tmp_path):
     st = tlfx.extract("efficientnet_lite0", "digits", str(tmp_path / "e.h5"), split="test", image_size=32, limit=30)
     rep = tlfx.evaluate(ft.out, st.path)

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import os
 import time
-import zipfile
 
 import numpy as np
 
@@ -18,7 +17,7 @@ from . import __version__
 from .errors import TlfxError
 from .head_model import HeadModel
 from .models import Model, check_config
-from .models import load_model as _load_zip_model
+from .models import load_model as _load_model
 from .store import FeatureStore
 
 DEFAULT_CV = 5
@@ -27,12 +26,7 @@ DEFAULT_CV = 5
 def load_model(path: str, trust: bool = False) -> Model:
     """Open a model file (``tlfx fit``/``tlfx finetune`` output). Nothing in it runs unless ``trust=True``,
     which is also the only way to open a pickle export (``.joblib``)."""
-    if os.path.isfile(path) and not zipfile.is_zipfile(path):
-        if not trust:
-            raise TlfxError(f"{path!r} is a pickle (joblib) file, which can run code when loaded; pass --trust "
-                            f"(trust=True) only if you made it yourself, or use the .tlfx model file")
-        return HeadModel.load_joblib(path)
-    return _load_zip_model(path, trust=trust)
+    return _load_model(path, trust=trust)
 
 
 def _as_model(model, trust: bool = False) -> Model:
@@ -63,13 +57,14 @@ def _search_folds(y, cv: int) -> int:
 
 def fit(features, head: str, params: dict | None = None, search: bool = False, out: str | None = None, *,
         cv: int = DEFAULT_CV, seed: int = 0, allow_incomplete: bool = False,
-        export_joblib: bool = False) -> HeadModel:
+        export_joblib: bool = False, engine: str = "local", address: str | None = None) -> HeadModel:
     """Train head ``head`` on the store at ``features`` and return a :class:`~tlfx.head_model.HeadModel`.
 
     ``params`` fix head parameters; ``search`` cross-validates the head's ``param_grid`` (StratifiedKFold with
     ``cv`` folds) on the training store only, then refits the best setting on all of it. ``seed`` seeds the folds
     and the head's ``random_state``/``seed`` unless ``params`` set them. ``out`` saves the
-    model (``export_joblib`` also writes a pickle copy ``<out stem>.joblib``).
+    model (``export_joblib`` also writes a pickle copy ``<out stem>.joblib``). ``engine="ray"`` fans the
+    cross-validation out through joblib's Ray backend (``address`` of a running cluster, or a local one).
     """
     from sklearn.base import clone
 
@@ -100,8 +95,11 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
                                 f"--param); drop --search")
             folds = _search_folds(y, cv)
             gs = GridSearchCV(est, grid, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                              scoring="accuracy", refit=False, n_jobs=1, error_score="raise")
-            gs.fit(X, y)
+                              scoring="accuracy", refit=False, n_jobs=None, error_score="raise")
+            from .engines import search_backend
+
+            with search_backend(engine, address):
+                gs.fit(X, y)
             best = {k: _plain(v) for k, v in gs.best_params_.items()}
             extra["search"] = {"grid": {k: [_plain(x) for x in v] for k, v in grid.items()}, "cv_folds": folds,
                                "cv_score": float(gs.best_score_), "best_params": best, "seed": seed,
@@ -141,7 +139,8 @@ def evaluate(model, features, *, trust: bool = False, allow_incomplete: bool = F
 
     m = _as_model(model, trust)
     store = features if isinstance(features, FeatureStore) else FeatureStore(features, allow_incomplete=allow_incomplete)
-    check_config(m.config, store.config, f"store {store.path!r}")
+    if getattr(m, "reads_features", True):  # a fine-tuned network reads the store's images, not its features
+        check_config(m.config, store.config, f"store {store.path!r}")
     if m.class_names and store.class_names and m.class_names != store.class_names:
         raise TlfxError(f"store {store.path!r} has classes {store.class_names[:5]}... but the model was trained on "
                         f"{m.class_names[:5]}...; evaluate on a store of the same dataset")

@@ -90,6 +90,13 @@ def read_meta(path: str) -> dict:
 
 def load_model(path: str, trust: bool = False) -> Model:
     """Open a model file. Nothing in the file is executed unless ``trust=True`` (pickle-based exports)."""
+    if os.path.isfile(path) and not zipfile.is_zipfile(path):
+        if not trust:
+            raise TlfxError(f"{path!r} is a pickle (joblib) file, which can run code when loaded; pass --trust "
+                            f"(trust=True) only if you made it yourself, or use the .tlfx model file")
+        from .head_model import HeadModel
+
+        return HeadModel.load_joblib(path)
     meta = read_meta(path)
     kind = meta.get("kind")
     if kind not in _KINDS:

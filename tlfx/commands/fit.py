@@ -2,6 +2,8 @@
 
 import click
 
+from ..engines import search_engine_options
+
 
 @click.command()
 @click.option("--features", required=True, type=click.Path(dir_okay=False), metavar="F.h5",
@@ -17,7 +19,8 @@ import click
 @click.option("--export-joblib", is_flag=True,
               help="Also write a pickle copy <M stem>.joblib (loads only with --trust: pickles can run code).")
 @click.option("--allow-incomplete", is_flag=True, help="Train on a store whose extraction has not finished.")
-def fit(features, head, params, search, cv, seed, out, export_joblib, allow_incomplete):
+@search_engine_options
+def fit(features, head, params, search, cv, seed, out, export_joblib, allow_incomplete, engine, address):
     """Train a head on the features of a store and save it with the backbone configuration and class names.
 
     \b
@@ -25,6 +28,7 @@ def fit(features, head, params, search, cv, seed, out, export_joblib, allow_inco
       tlfx fit --features train.h5 --head svm --out svm.tlfx
       tlfx fit --features train.h5 --head logistic --param C=0.1 --out logreg.tlfx
       tlfx fit --features train.h5 --head knn --search --cv 5 --out knn.tlfx
+      tlfx fit --features train.h5 --head svm --search --engine ray --address auto --out svm.tlfx
       tlfx fit --features train.h5 --head linear --param epochs=50 --param lr=3e-3 --out linear.tlfx
     """
     from ..api import fit as fit_model
@@ -34,7 +38,7 @@ def fit(features, head, params, search, cv, seed, out, export_joblib, allow_inco
     registry("head").get(head)  # unknown head -> one line with the valid choices
     parsed = parse_params(head, params)
     model = fit_model(features, head, parsed, search=search, out=out, cv=cv, seed=seed,
-                      allow_incomplete=allow_incomplete, export_joblib=export_joblib)
+                      allow_incomplete=allow_incomplete, export_joblib=export_joblib, engine=engine, address=address)
     meta = model.meta
     s = meta.get("search")
     if s:
