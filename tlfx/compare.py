@@ -303,10 +303,19 @@ class Progress:
 
     def __post_init__(self):
         if self.enabled:
+            import threading
+
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True, file=sys.stderr,
                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
+            self._stop = threading.Event()
+            # one fit can take minutes: keep the elapsed time moving so the display never looks stuck
+            threading.Thread(target=self._tick, daemon=True).start()
+
+    def _tick(self):
+        while not self._stop.wait(2.0):
+            self.bar.refresh()
 
     def step(self, what: str):
         self.log.append(what)
@@ -319,6 +328,7 @@ class Progress:
 
     def close(self):
         if self.bar is not None:
+            self._stop.set()
             self.bar.close()
 
 
