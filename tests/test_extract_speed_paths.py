@@ -80,3 +80,16 @@ def test_network_input_is_channels_last_and_normalised(lite0):
     np.testing.assert_allclose(x[0, :, 0, 0].numpy(), (1 - mean) / std, rtol=1e-6)
     np.testing.assert_allclose(x[1, :, 0, 0].numpy(), -mean / std, rtol=1e-6)
     assert feats.dtype == np.float32 and feats.shape == (2, 1280)
+
+
+@pytest.mark.slow
+def test_compiled_network_gives_the_eager_features_and_pads_the_short_last_batch(lite0):
+    eager = FeatureComputer(lite0, image_size=32, precision="fp32", device="cpu")
+    compiled = FeatureComputer(lite0, image_size=32, precision="fp32", device="cpu", compile=True)
+    rng = np.random.default_rng(0)
+    full, short = (torch.from_numpy(rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8)) for n in (4, 3))
+    for batch in (full, short):
+        got, want = compiled(batch), eager(batch)
+        assert got.shape == want.shape == (len(batch), 1280) and got.dtype == np.float32
+        np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3)
+    assert compiled._compiled_batch == 4

@@ -130,7 +130,9 @@ class FeatureComputer:
         self.model.eval()
         self.layers = self.model.layers
         self.compiled = bool(compile)
-        self._forward = torch.compile(self.model) if compile else self.model
+        # static shapes: one compilation, reused; a short last batch is padded to that shape (see __call__)
+        self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
+        self._compiled_batch = 0
         # (x / 255 - mean) / std == x * scale + bias, applied in place on the NHWC batch
         mean, std = torch.tensor(self.pre.mean), torch.tensor(self.pre.std)
         self.scale = (1.0 / (255.0 * std)).to(self.device)
@@ -138,12 +140,17 @@ class FeatureComputer:
 
     def __call__(self, batch_uint8_nhwc: torch.Tensor) -> np.ndarray:
         """Features (float32 ``[N, D]``) of a uint8 ``[N, H, W, 3]`` batch already resized and cropped."""
+        n = len(batch_uint8_nhwc)
         x = batch_uint8_nhwc.to(self.device, non_blocking=True).float()
+        if self.compiled:
+            if n < self._compiled_batch:  # a short last batch would cost a whole new compilation
+                x = torch.cat([x, x.new_zeros((self._compiled_batch - n, *x.shape[1:]))])
+            self._compiled_batch = max(self._compiled_batch, n)
         x.mul_(self.scale).add_(self.bias)
         x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last without a copy
         with torch.inference_mode(), autocast(self.device, self.precision):
             out = self._forward(x)
-        return out.float().cpu().numpy()
+        return out[:n].float().cpu().numpy()
 
     def loader(self, ds: ImageDataset, indices, batch_size=64, workers=None):
         """Iterable of ``(indices, good indices, uint8 NHWC batch | None, [(index, reason)])`` in order.
