@@ -91,9 +91,15 @@ class _ThreadedBatches:
     competing for them, and batches need no copy between processes.
     """
 
-    def __init__(self, decoded: _Decoded, indices: list[int], batch_size: int, threads: int):
-        self.decoded, self.indices, self.batch_size, self.threads = decoded, indices, batch_size, threads
-        self.collate = functools.partial(_collate, pre=decoded.pre)
+    def __init__(self, decoded: _Decoded, indices: list[int], batch_size: int, threads: int, pin: bool = False):
+        self.decoded, self.indices, self.batch_size, self.threads, self.pin = decoded, indices, batch_size, threads, pin
+        self._collate = functools.partial(_collate, pre=decoded.pre)
+
+    def collate(self, items):
+        idx, good, arr, bad = self._collate(items)
+        if self.pin and arr is not None:  # page-locked, so the copy to the GPU can run non-blocking
+            arr = arr.pin_memory()
+        return idx, good, arr, bad
 
     def __len__(self):
         return -(-len(self.indices) // self.batch_size)
@@ -162,7 +168,7 @@ class FeatureComputer:
         decoded = _Decoded(ds, self.pre)
         indices = list(indices)
         if workers <= 0:
-            return _ThreadedBatches(decoded, indices, batch_size, decode_threads())
+            return _ThreadedBatches(decoded, indices, batch_size, decode_threads(), pin=self.device.type == "cuda")
         return DataLoader(
             torch.utils.data.Subset(decoded, indices),
             batch_size=batch_size,
