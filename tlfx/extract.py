@@ -192,12 +192,38 @@ class ExtractResult:
     resumed_from: int = 0
     already_complete: bool = False
 
+    @classmethod
+    def of_complete_store(cls, path: str) -> ExtractResult:
+        """The result of a run that found its store already complete (nothing to do)."""
+        from .store import FeatureStore
+
+        st = FeatureStore(path)
+        return cls(path, len(st), int(st.attrs.get("dim", 0)), len(st.skipped), 0.0, 0.0, already_complete=True)
+
     def summary(self) -> str:
         if self.already_complete:
             return f"{self.path} is already complete ({self.n} images x {self.dim}); nothing to do"
         resumed = f", resumed at item {self.resumed_from}" if self.resumed_from else ""
         return (f"extracted {self.n} images x {self.dim} features in {self.seconds:.1f} s "
                 f"({self.images_per_s:.0f} images/s), {self.skipped} skipped{resumed} -> {self.path}")
+
+
+def store_attributes(ds, config: dict, precision: str, dtype: str, root, limit, part_size: int) -> dict:
+    """The attributes of a new store: backbone configuration, precision, dataset provenance (every engine)."""
+    return {
+        **store_attrs_base(),
+        **config,
+        "precision": precision,
+        "dtype": dtype,
+        "dataset": ds.spec,
+        "split": ds.split or "all",
+        "data_root": ds.root or (os.path.abspath(root) if root else ""),
+        "limit": limit or 0,
+        "dataset_fingerprint": ds.fingerprint(),
+        "class_names": ds.class_names,
+        "n_items": len(ds),
+        "part_size": part_size,
+    }
 
 
 class _PartWriter:
@@ -253,28 +279,12 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDa
     bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
     computer = FeatureComputer(bb, layers, pooling, image_size, precision, device, compile)
     part_size = part_size or max(batch_size, (2048 // batch_size) * batch_size)
-    attrs = {
-        **store_attrs_base(),
-        **bb.config(computer.layers, pooling, image_size),
-        "precision": computer.precision,
-        "dtype": dtype,
-        "dataset": ds.spec,
-        "split": ds.split or "all",
-        "data_root": ds.root or (os.path.abspath(root) if root else ""),
-        "limit": limit or 0,
-        "dataset_fingerprint": ds.fingerprint(),
-        "class_names": ds.class_names,
-        "n_items": len(ds),
-        "part_size": part_size,
-    }
+    attrs = store_attributes(ds, bb.config(computer.layers, pooling, image_size), computer.precision, dtype, root,
+                             limit, part_size)
     t0 = time.perf_counter()
     with StoreWriter(out, attrs, overwrite=overwrite) as writer:
         if writer.already_complete:
-            from .store import FeatureStore
-
-            st = FeatureStore(out)
-            return ExtractResult(out, len(st), int(st.attrs.get("dim", 0)), len(st.skipped), 0.0, 0.0,
-                                 already_complete=True)
+            return ExtractResult.of_complete_store(out)
         part_size = int(writer.attrs.get("part_size", part_size))
         start = covered_until(writer.parts(), len(ds))
         n_done, n_skipped, dim = _run(computer, ds, writer, start, part_size, batch_size, workers, strict, progress)

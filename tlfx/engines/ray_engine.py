@@ -36,8 +36,8 @@ from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTas
 
 from ..datasets import ImageDataset, load_dataset
 from ..errors import TlfxError
-from ..extract import DTYPES, ExtractResult
-from ..store import FeatureStore, StoreWriter, parts_dir, read_attrs, store_attrs_base, write_part
+from ..extract import DTYPES, ExtractResult, store_attributes
+from ..store import FeatureStore, StoreWriter, parts_dir, read_attrs, write_part
 from . import connect_ray
 
 IN_FLIGHT_PER_ACTOR = 2  # one block running, one queued: the actor never waits on the driver
@@ -269,26 +269,11 @@ def extract_ray(backbone: str = "efficientnet_lite0", data: str | ImageDataset =
         info = _check_workers(infos, ds)
         n = len(actors)
 
-        attrs = {
-            **store_attrs_base(),
-            **info["config"],
-            "precision": info["precision"],
-            "dtype": dtype,
-            "dataset": ds.spec,
-            "split": ds.split or "all",
-            "data_root": ds.root or (os.path.abspath(root) if root else ""),
-            "limit": limit or 0,
-            "dataset_fingerprint": ds.fingerprint(),
-            "class_names": ds.class_names,
-            "n_items": len(ds),
-            "part_size": part_size,
-        }
+        attrs = store_attributes(ds, info["config"], info["precision"], dtype, root, limit, part_size)
         t0 = time.perf_counter()
         with StoreWriter(out, attrs, overwrite=overwrite) as writer:
             if writer.already_complete:
-                st = FeatureStore(out)
-                return ExtractResult(out, len(st), int(st.attrs.get("dim", 0)), len(st.skipped), 0.0, 0.0,
-                                     already_complete=True)
+                return ExtractResult.of_complete_store(out)
             part_size = int(writer.attrs.get("part_size", part_size))
             _remove_temporaries(out)
             blocks = missing_blocks(writer.parts(), len(ds), part_size)
