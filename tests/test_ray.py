@@ -217,7 +217,7 @@ def test_rerun_after_a_crash_only_does_the_missing_blocks(ray_cluster, local_sto
     st = tlfx.FeatureStore(out)
     assert not st.complete and not os.path.exists(out + ".lock")
     before = {(s, e) for s, e, _ in list_parts(out)}
-    assert 1 <= len(before) < LIMIT // PART
+    assert 0 < len(before) < LIMIT // PART
     redone = []
     res = extract_ray("efficientnet_lite0", "digits", out, num_workers=2, part_size=PART,
                       on_block=lambda r: redone.append((r["start"], r["end"])), **COMMON)

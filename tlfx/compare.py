@@ -22,10 +22,11 @@ import numpy as np
 
 from . import __version__
 from .errors import TlfxError
+from .models import FEATURE_CONFIG_KEYS as CONFIG_KEYS
+from .models import config_differences
 from .store import FeatureStore
 
 DEFAULT_CURVE = "1,5,10,50,100,all"
-CONFIG_KEYS = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess")
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -164,12 +165,8 @@ def open_pair(train: str, test: str, allow_incomplete: bool = False) -> tuple[Fe
     """Open the train and test stores and refuse pairs whose features or classes are not comparable."""
     tr = FeatureStore(train, allow_incomplete=allow_incomplete)
     te = FeatureStore(test, allow_incomplete=allow_incomplete)
-    diff = [k for k in CONFIG_KEYS if tr.config.get(k) != te.config.get(k)]
-    if diff:
-        def show(v):
-            return v.get("name") if isinstance(v, dict) and "sha256" in v else v
-
-        detail = "; ".join(f"{k}: {show(tr.config.get(k))} vs {show(te.config.get(k))}" for k in diff)
+    detail = config_differences(tr.config, te.config, CONFIG_KEYS, names=("", ""))
+    if detail:
         raise TlfxError(f"train store {train!r} and test store {test!r} were made with different backbone "
                         f"configurations ({detail}); extract both with the same --backbone/--layers/--pooling/--image-size")
     if tr.class_names != te.class_names:

@@ -110,14 +110,21 @@ def load_model(path: str, trust: bool = False) -> Model:
         return _KINDS[kind].load(z, meta, trust)
 
 
+FEATURE_CONFIG_KEYS = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess")
+
+
+def config_differences(a: dict, b: dict, keys=FEATURE_CONFIG_KEYS, names=("model", "")) -> str:
+    """'' when ``a`` and ``b`` agree on ``keys``, else a readable list of the differences (weights by name)."""
+    def show(v):
+        return v.get("name") if isinstance(v, dict) and "sha256" in v else v
+
+    left, right = (f"{n} " if n else "" for n in names)
+    return "; ".join(f"{k}: {left}{show(a.get(k))} vs {right}{show(b.get(k))}" for k in keys if a.get(k) != b.get(k))
+
+
 def check_config(model_config: dict, store_config: dict, what: str):
     """Refuse features made with another backbone configuration than the model's."""
-    keys = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess")
-    diff = [k for k in keys if model_config.get(k) != store_config.get(k)]
-    if diff:
-        def show(v):
-            return v.get("name") if isinstance(v, dict) and "sha256" in v else v
-
-        detail = "; ".join(f"{k}: model {show(model_config.get(k))} vs {show(store_config.get(k))}" for k in diff)
+    detail = config_differences(model_config, store_config)
+    if detail:
         raise TlfxError(f"{what} was made with another backbone configuration than the model ({detail}); "
                         f"extract it with the model's configuration")
