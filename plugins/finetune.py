@@ -45,10 +45,7 @@ class FinetuneModel(Model):
         from safetensors.torch import load
 
         where = getattr(z, "filename", None) or "model"
-        try:
-            data = z.read(WEIGHTS_MEMBER)
-        except KeyError:
-            raise TlfxError(f"model {where!r} has no {WEIGHTS_MEMBER} member; it is damaged, fine-tune again") from None
+        data = cls.read_member(z, WEIGHTS_MEMBER, "fine-tune again")
         try:
             state = load(data)
         except Exception as exc:

@@ -69,10 +69,7 @@ class HeadModel(Model):
         import skops.io as sio
 
         where = getattr(z, "filename", None) or "model"
-        try:
-            data = z.read(HEAD_MEMBER)
-        except KeyError:
-            raise TlfxError(f"model {where!r} has no {HEAD_MEMBER} member; it is damaged, fit it again") from None
+        data = cls.read_member(z, HEAD_MEMBER, "fit it again")
         try:
             untrusted = sio.get_untrusted_types(data=data)
         except Exception as exc:

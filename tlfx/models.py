@@ -64,6 +64,15 @@ class Model:
     def load(cls, z: zipfile.ZipFile, meta: dict, trust: bool = False) -> Model:
         raise NotImplementedError
 
+    @staticmethod
+    def read_member(z: zipfile.ZipFile, name: str, remake: str) -> bytes:
+        """A required member of the model zip, or one line saying the file is damaged and how to ``remake`` it."""
+        try:
+            return z.read(name)
+        except KeyError:
+            where = getattr(z, "filename", None) or "model"
+            raise TlfxError(f"model {where!r} has no {name} member; it is damaged, {remake}") from None
+
     def predict_proba_store(self, store):
         """Class probabilities ``[len(store), n_classes]`` for the rows of a FeatureStore."""
         raise NotImplementedError
