@@ -256,6 +256,17 @@ def test_cli_duplicate_names_exit_2_with_one_line(tmp_path):
     assert re.match(r"error: backbone 'efficientnet_lite0' is registered twice: by plugin 'efficientnet_lite' "
                     r"and by plugin 'dup_backbone'; uninstall or rename one of them$", lines[0])
 
+    # `tlfx plugins` is where a user looks for the culprit: it still lists every plugin, marks both sides of the
+    # clash, then ends with the same one-line error
+    listing = run_cli("--plugins-dir", d, "plugins")
+    assert listing.returncode == 2 and "Traceback" not in listing.stderr
+    assert listing.stderr.strip().splitlines() == lines
+    rows = {line.split()[0]: line for line in listing.stdout.splitlines()}
+    assert {"efficientnet_lite", "dup_backbone", "sklearn_heads", "pixels"} <= set(rows)
+    assert "FAILED: backbone 'efficientnet_lite0' is registered twice" in rows["dup_backbone"]
+    assert "FAILED: backbone 'efficientnet_lite0' is registered twice" in rows["efficientnet_lite"]
+    assert "FAILED" not in rows["sklearn_heads"]
+
 
 DOTS = '''
 import numpy as np

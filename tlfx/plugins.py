@@ -74,7 +74,9 @@ if not any(isinstance(f, _LocalPluginFinder) for f in sys.meta_path):
 
 
 class DuplicateNameError(TlfxError):
-    """Two plugins registered the same name for one kind."""
+    """Two plugins registered the same name for one kind (``plugins``: their names)."""
+
+    plugins: tuple[str, ...] = ()
 
 
 @dataclass
@@ -117,10 +119,12 @@ class Registry:
                 raise TypeError(f"{self.kind} {name!r}: description must be a str, got {type(description).__name__}")
             if name in self._entries:
                 other = self._entries[name].plugin
-                raise DuplicateNameError(
+                exc = DuplicateNameError(
                     f"{self.kind} {name!r} is registered twice: by plugin {other!r} and by plugin {plugin!r}; "
                     f"uninstall or rename one of them"
                 )
+                exc.plugins = (other, plugin)
+                raise exc
             self._entries[name] = Entry(name, factory, plugin, description, meta)
 
         return register

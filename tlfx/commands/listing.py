@@ -21,17 +21,28 @@ def plugins(as_json):
     """
     from ..plugins import get_plugin_manager
 
+    from ..errors import TlfxError
+    from ..plugins import DuplicateNameError
+
     pm = get_plugin_manager()
+    clashes = []
     for kind in ("backbone", "head", "dataset"):
-        _registry(kind)
-    rows = [{"name": r.name, "source": r.source, "module": r.module, "provides": r.kinds, "error": r.error}
+        try:
+            _registry(kind)
+        except DuplicateNameError as exc:  # still list everything: this command is where users look for the culprit
+            clashes.append(exc)
+    rows = [{"name": r.name, "source": r.source, "module": r.module, "provides": r.kinds,
+             "error": "; ".join([*([r.error] if r.error else []), *(e.message for e in clashes if r.name in e.plugins)])
+             or None}
             for r in pm.records]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-        return
-    for r in rows:
-        status = f"FAILED: {r['error']}" if r["error"] else ", ".join(r["provides"]) or "commands"
-        click.echo(f"{r['name']:<20} {status:<34} {r['module']}  [{r['source']}]")
+    else:
+        for r in rows:
+            status = f"FAILED: {r['error']}" if r["error"] else ", ".join(r["provides"]) or "commands"
+            click.echo(f"{r['name']:<20} {status:<34} {r['module']}  [{r['source']}]")
+    if clashes:
+        raise TlfxError(clashes[0].message)
 
 
 @click.command()
