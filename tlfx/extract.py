@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import queue
@@ -17,6 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from .backbone import Backbone, FeatureExtractor, Preprocess, create_backbone
 from .datasets import ImageDataset, load_dataset
 from .errors import TlfxError
+from .fold import fold_batchnorm as fold_bn
 from .images import BadImage, preprocess_image, resize_plan
 from .runtime import autocast, decode_threads, default_workers, pick_device, resolve_precision, tune_allocator, worker_init
 from .store import StoreWriter, covered_until, store_attrs_base
@@ -120,18 +122,25 @@ class FeatureComputer:
 
     Runs the network in ``precision`` (``auto``: bf16 autocast on CPUs with AMX/AVX512-BF16 and on CUDA, see
     :func:`tlfx.runtime.resolve_precision`), channels_last, under ``torch.inference_mode``; features come back
-    float32 whatever the compute precision. ``compile=True`` wraps the network in ``torch.compile`` (minutes of
-    compilation on a small CPU; see docs/performance.md).
+    float32 whatever the compute precision. Batch norms that directly follow a convolution are folded into it
+    (:mod:`tlfx.fold`; on a copy, so ``backbone`` itself is not changed). ``compile=True`` wraps the network in
+    ``torch.compile`` (minutes of compilation on a small CPU; see docs/performance.md).
     """
 
     def __init__(self, backbone: Backbone, layers="penultimate", pooling="avg", image_size=None,
-                 precision="auto", device=None, compile=False):
+                 precision="auto", device=None, compile=False, fold_batchnorm=True):
         self.backbone = backbone
         self.device = pick_device(device)
         self.precision = resolve_precision(precision, self.device)
         if self.device.type == "cpu":
             tune_allocator()
         self.pre = backbone.preprocess.with_image_size(image_size)
+        self.folded = 0
+        if fold_batchnorm:
+            backbone.module.eval()
+            module, self.folded = fold_bn(backbone.module, keep=backbone.resolve_layers(layers))
+            if self.folded:  # the caller's backbone stays untouched; hooks see the same layer names
+                backbone = dataclasses.replace(backbone, module=module)
         self.model = FeatureExtractor(backbone, layers, pooling).to(self.device).to(memory_format=torch.channels_last)
         self.model.eval()
         self.layers = self.model.layers
