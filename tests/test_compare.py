@@ -47,7 +47,7 @@ def test_compare_writes_html_json_md_with_every_row(report_run, digits_stores):
         assert (out / name).stat().st_size > 0
     rep = json.loads((out / "report.json").read_text())
     ids = [r["id"] for r in rep["rows"]]
-    assert ids == ["svm", "knn", "pixels/svm", "pixels/knn"]
+    assert ids == ["svm", "knn", "pixels_grey/svm", "pixels_grey/knn"]
     y = FeatureStore(digits_stores[1]).labels
     for r in rep["rows"]:
         pred = np.array(r["predictions"])
@@ -65,7 +65,12 @@ def test_compare_writes_html_json_md_with_every_row(report_run, digits_stores):
     # efficientnet features of 8x8 digits upscaled are far above chance (10 classes), and so are raw pixels
     assert min(r["accuracy"] for r in rep["rows"]) > 0.6
     assert rep["best"] in ids and set(rep["timing"]["pareto_front"]) <= set(ids)
-    assert rep["baseline"]["backbone"] == "pixels" and os.path.isfile(out / rep["baseline"]["test"])
+    # digits are greyscale: --baseline pixels uses one channel, not three identical copies, and says so
+    b = rep["baseline"]
+    assert b["backbone"] == "pixels_grey" and b["requested"] == "pixels" and "greyscale" in b["note"]
+    assert os.path.isfile(out / b["test"]) and FeatureStore(str(out / b["test"])).features.shape[1] == 32 * 32
+    assert sorted(p.name for p in out.glob("baseline-*.h5")) == ["baseline-pixels_grey-test.h5",
+                                                                 "baseline-pixels_grey-train.h5"]
     # learning curves: one per (features, head), points 1, 5, all; accuracy grows from 1 to all examples per class
     curves = rep["learning_curves"]["curves"]
     assert [(c["features"], c["head"]) for c in curves] == [("main", "svm"), ("main", "knn"),
@@ -81,7 +86,9 @@ def test_compare_writes_html_json_md_with_every_row(report_run, digits_stores):
         with Image.open(out / f["file"]) as im:
             assert im.format == "PNG" and im.width > 300
     md = (out / "report.md").read_text()
-    assert "| pixels/knn" not in md and "knn (baseline: pixels)" in md and "## Learning curves" in md
+    assert "| pixels_grey/knn" not in md and "knn (baseline: pixels_grey)" in md and "## Learning curves" in md
+    assert "Baseline: the images are greyscale" in md
+    assert "the images are greyscale" in (out / "report.html").read_text()
     # the summary table on stdout and a progress display on stderr
     assert "best:" in proc.stdout and "report.html" in proc.stdout
     assert "100%" in proc.stderr
@@ -243,6 +250,23 @@ def test_parse_curve_and_pareto():
             {"id": "c", "accuracy": 0.7, "timing": {"fit_seconds": 5}},
             {"id": "d", "accuracy": 0.95, "timing": {"fit_seconds": None}}]
     assert pareto_front(rows) == ["a", "b"]
+
+
+def test_colour_images_keep_the_rgb_pixels_baseline(tmp_path):
+    """Only images whose three channels are copies switch to pixels_grey; colour photos keep all three."""
+    from conftest import rng_images
+
+    root = tmp_path / "colour"
+    for i, a in enumerate(rng_images(40, size=24)):
+        (root / f"c{i % 2}").mkdir(parents=True, exist_ok=True)
+        Image.fromarray(a).save(root / f"c{i % 2}" / f"{i}.png")
+    spec = f"imagefolder:{root}"
+    tr = tlfx.extract("pixels_grey", spec, str(tmp_path / "tr.h5"), limit=30, precision="fp32").path
+    te = tlfx.extract("pixels_grey", spec, str(tmp_path / "te.h5"), precision="fp32").path
+    rep = compare(tr, te, ["knn"], str(tmp_path / "r"), baseline="pixels", learning_curve="none", n_boot=50)
+    assert rep["baseline"]["backbone"] == "pixels" and "note" not in rep["baseline"]
+    assert FeatureStore(str(tmp_path / "r" / rep["baseline"]["train"])).features.shape == (30, 3 * 32 * 32)
+    assert [r["id"] for r in rep["rows"]] == ["knn", "pixels/knn"]
 
 
 def test_pixels_backbone_is_the_resized_image(tmp_path):

@@ -442,36 +442,59 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
 
 def _extract_baseline(name: str, tr_store: FeatureStore, te_store: FeatureStore, out: str, prog: Progress):
     """Re-extract the same dataset splits as the stores with backbone ``name`` (e.g. pixels) into ``out``."""
+    stores = [_extract_baseline_split(name, st, what, out, prog) for st, what in ((tr_store, "train"), (te_store, "test"))]
+    info = {"backbone": name}
+    if name == "pixels" and all(_channels_are_copies(b) for b in stores):
+        # greyscale images: the three RGB copies would triple the features, and the heads' fit time, for nothing
+        info.update(requested="pixels", note="the images are greyscale, so the baseline uses pixels_grey (one "
+                                             "channel instead of three identical copies)")
+        for b in stores:
+            os.remove(b.path)
+        stores = [_extract_baseline_split("pixels_grey", st, what, out, prog, step=False)
+                  for st, what in ((tr_store, "train"), (te_store, "test"))]
+        info["backbone"] = "pixels_grey"
+    info.update(train=os.path.relpath(stores[0].path, out), test=os.path.relpath(stores[1].path, out),
+                config=stores[0].config)
+    return stores[0], stores[1], info
+
+
+def _channels_are_copies(store: FeatureStore) -> bool:
+    """Whether a ``pixels`` store's R, G and B blocks (channel-major flattening) are equal in every row."""
+    x = store.features
+    if x.shape[1] % 3:
+        return False
+    r, g, b = np.split(x, 3, axis=1)
+    return bool(np.array_equal(r, g) and np.array_equal(r, b))
+
+
+def _extract_baseline_split(name: str, st: FeatureStore, what: str, out: str, prog: Progress, step=True):
     from .extract import extract
 
-    stores = []
-    for st, what in ((tr_store, "train"), (te_store, "test")):
+    if step:
         prog.step(f"baseline {name}: {what} split")
-        a = st.attrs
-        if not a.get("dataset"):
-            raise TlfxError(f"store {st.path!r} does not record its dataset; --baseline needs stores made by tlfx extract")
-        path = os.path.join(out, f"baseline-{_slug(name)}-{what}.h5")
-        kw = dict(split=a.get("split") or None, root=a.get("data_root") or None, limit=int(a.get("limit") or 0) or None,
-                  precision="fp32", progress=False)
+    a = st.attrs
+    if not a.get("dataset"):
+        raise TlfxError(f"store {st.path!r} does not record its dataset; --baseline needs stores made by tlfx extract")
+    path = os.path.join(out, f"baseline-{_slug(name)}-{what}.h5")
+    kw = dict(split=a.get("split") or None, root=a.get("data_root") or None, limit=int(a.get("limit") or 0) or None,
+              precision="fp32", progress=False)
+    try:
         try:
-            try:
-                extract(name, a["dataset"], path, **kw)
-            except TlfxError as exc:
-                if "another configuration" not in str(exc) and "not a tlfx store" not in str(exc):
-                    raise
-                extract(name, a["dataset"], path, overwrite=True, **kw)
+            extract(name, a["dataset"], path, **kw)
         except TlfxError as exc:
-            raise TlfxError(f"--baseline {name}: cannot re-read the images of {st.path!r} ({exc.message})") from None
-        b = FeatureStore(path)
-        if b.attrs.get("dataset_fingerprint") != a.get("dataset_fingerprint") or int(b.attrs.get("n_items", -1)) != int(
-                a.get("n_items", -2)):
-            raise TlfxError(f"--baseline {name}: the images of {a.get('dataset')!r} ({a.get('split')}) changed since "
-                            f"{st.path!r} was extracted; extract the store again")
-        stores.append(b)
+            if "another configuration" not in str(exc) and "not a tlfx store" not in str(exc):
+                raise
+            extract(name, a["dataset"], path, overwrite=True, **kw)
+    except TlfxError as exc:
+        raise TlfxError(f"--baseline {name}: cannot re-read the images of {st.path!r} ({exc.message})") from None
+    b = FeatureStore(path)
+    if b.attrs.get("dataset_fingerprint") != a.get("dataset_fingerprint") or int(b.attrs.get("n_items", -1)) != int(
+            a.get("n_items", -2)):
+        raise TlfxError(f"--baseline {name}: the images of {a.get('dataset')!r} ({a.get('split')}) changed since "
+                        f"{st.path!r} was extracted; extract the store again")
+    if step:
         prog.done()
-    info = {"backbone": name, "train": os.path.relpath(stores[0].path, out), "test": os.path.relpath(stores[1].path, out),
-            "config": stores[0].config}
-    return stores[0], stores[1], info
+    return b
 
 
 def _head_row(set_kind, set_label, name, s_tr: Split, s_te: Split, k, search, folds, seed, n_boot, out, prog,

@@ -52,7 +52,9 @@ class ImageDataset:
 
     def fingerprint(self) -> str:
         h = hashlib.sha256()
-        h.update(json.dumps([self.spec, self.split, self.class_names]).encode())
+        # "all" is what stores record for "no split given": both must name the same images
+        split = None if self.split == "all" else self.split
+        h.update(json.dumps([self.spec, split, self.class_names]).encode())
         h.update("\n".join(self.ids).encode())
         h.update(np.ascontiguousarray(self.labels, dtype=np.int64).tobytes())
         self._fingerprint_content(h)

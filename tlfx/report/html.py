@@ -177,6 +177,8 @@ def render_html(report: dict, figures: dict) -> str:
             w(f"<tr><td class=\"l\">{what} (baseline {escape(b['backbone'])})</td><td class=\"l\">{escape(b[what])}</td>"
               f"<td></td><td></td><td></td><td class=\"l\">same images, re-extracted</td></tr>")
     w("</tbody></table>")
+    if (report.get("baseline") or {}).get("note"):
+        w(f"<p class=\"note\">Baseline: {escape(report['baseline']['note'])}.</p>")
     w("<h2 id=\"config\">Configuration</h2>")
     if report.get("command"):
         w(f"<pre>tlfx {escape(' '.join(map(str, report['command'])))}</pre>")

@@ -37,6 +37,8 @@ def render_markdown(report: dict) -> str:
               "Default hyperparameters. ")
            + f"95% bootstrap CIs ({cfg['bootstrap_resamples']} resamples, seed {cfg['seed']}).", "",
            "## Results", "", results_table(report), ""]
+    if (report.get("baseline") or {}).get("note"):
+        out += [f"Baseline: {report['baseline']['note']}.", ""]
     curves = report.get("learning_curves", {}).get("curves") or []
     if curves:
         pts = []
