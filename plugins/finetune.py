@@ -32,6 +32,7 @@ class FinetuneModel(Model):
         super().__init__(meta)
         self.state_dict = state_dict
         self._net = None
+        self._fast_net = None
         self._device = None
 
     # ------------------------------------------------------------------------------------------ files
@@ -87,7 +88,11 @@ class FinetuneModel(Model):
         from plugins.finetune_train import ImageItems, Normalizer, make_loader, predict_proba
         from tlfx.runtime import default_workers, resolve_precision
 
-        net = self.network()
+        if self._fast_net is None:  # inference only: batch norms folded into the convolutions
+            from tlfx.fold import fold_batchnorm
+
+            self._fast_net = fold_batchnorm(self.network())[0]
+        net = self._fast_net
         pre = self._preprocess()
         workers = default_workers() if workers is None else workers
         loader = make_loader(ImageItems(ds, indices, pre), batch_size, workers if len(indices) > 256 else 0,

@@ -19,10 +19,8 @@ def plugins(as_json):
       tlfx plugins
       tlfx --plugins-dir ./my_plugins plugins
     """
-    from ..plugins import get_plugin_manager
-
     from ..errors import TlfxError
-    from ..plugins import DuplicateNameError
+    from ..plugins import DuplicateNameError, get_plugin_manager
 
     pm = get_plugin_manager()
     clashes = []
