@@ -310,7 +310,7 @@ def raise_open_files_limit():
         pass
 
 
-def _stop(actors, timeout: float = 15.0):
+def _stop(actors, timeout: float = 60.0):
     """Kill the actors and wait until they are gone: no straggler may write a part once the lock is released."""
     for a in actors:
         try:
@@ -321,10 +321,15 @@ def _stop(actors, timeout: float = 15.0):
     for a in actors:
         while time.monotonic() < deadline:
             try:
-                ray.get(a.describe.remote(), timeout=max(0.1, deadline - time.monotonic()))
-            except (*_LOST, ray.exceptions.GetTimeoutError, RayTaskError):
-                break
+                ray.get(a.describe.remote(), timeout=min(5.0, max(0.1, deadline - time.monotonic())))
+            except (*_LOST, RayTaskError):
+                break  # dead
+            except ray.exceptions.GetTimeoutError:
+                continue  # busy with a block the kill has not interrupted yet (a loaded machine): still alive
             time.sleep(0.05)  # answered: the kill has not landed yet
+        else:
+            sys.stderr.write("warning: a Ray worker did not stop within a minute after being killed; it may still "
+                             "finish the block it holds\n")
 
 
 def _torch_version():
