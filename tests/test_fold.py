@@ -65,13 +65,17 @@ def test_features_are_the_same_with_and_without_folding(layers):
     np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-4)
 
 
-def test_a_convolution_read_twice_is_not_folded():
-    class TwoReaders(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.bn = nn.BatchNorm2d(4)
+class _ConvBN(nn.Module):
+    """One convolution and one batch norm; subclasses wire them in their own ``forward``."""
 
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3)
+        self.bn = nn.BatchNorm2d(4)
+
+
+def test_a_convolution_read_twice_is_not_folded():
+    class TwoReaders(_ConvBN):
         def forward(self, x):
             y = self.conv(x)
             return self.bn(y) + y
@@ -82,12 +86,7 @@ def test_a_convolution_read_twice_is_not_folded():
 
 
 def test_untraceable_or_training_modules_come_back_unchanged():
-    class Branchy(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.conv = nn.Conv2d(3, 4, 3)
-            self.bn = nn.BatchNorm2d(4)
-
+    class Branchy(_ConvBN):
         def forward(self, x):
             if x.sum() > 0:  # data-dependent control flow: torch.fx cannot trace it
                 x = -x

@@ -442,7 +442,8 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
 
 def _extract_baseline(name: str, tr_store: FeatureStore, te_store: FeatureStore, out: str, prog: Progress):
     """Re-extract the same dataset splits as the stores with backbone ``name`` (e.g. pixels) into ``out``."""
-    stores = [_extract_baseline_split(name, st, what, out, prog) for st, what in ((tr_store, "train"), (te_store, "test"))]
+    splits = ((tr_store, "train"), (te_store, "test"))
+    stores = [_extract_baseline_split(name, st, what, out, prog) for st, what in splits]
     info = {"backbone": name}
     if name == "pixels" and all(_channels_are_copies(b) for b in stores):
         # greyscale images: the three RGB copies would triple the features, and the heads' fit time, for nothing
@@ -450,8 +451,7 @@ def _extract_baseline(name: str, tr_store: FeatureStore, te_store: FeatureStore,
                                              "channel instead of three identical copies)")
         for b in stores:
             os.remove(b.path)
-        stores = [_extract_baseline_split("pixels_grey", st, what, out, prog, step=False)
-                  for st, what in ((tr_store, "train"), (te_store, "test"))]
+        stores = [_extract_baseline_split("pixels_grey", st, what, out, prog, step=False) for st, what in splits]
         info["backbone"] = "pixels_grey"
     info.update(train=os.path.relpath(stores[0].path, out), test=os.path.relpath(stores[1].path, out),
                 config=stores[0].config)

@@ -29,9 +29,12 @@ def plugins(as_json):
             _registry(kind)
         except DuplicateNameError as exc:  # still list everything: this command is where users look for the culprit
             clashes.append(exc)
-    rows = [{"name": r.name, "source": r.source, "module": r.module, "provides": r.kinds,
-             "error": "; ".join([*([r.error] if r.error else []), *(e.message for e in clashes if r.name in e.plugins)])
-             or None}
+
+    def errors(r):
+        found = ([r.error] if r.error else []) + [e.message for e in clashes if r.name in e.plugins]
+        return "; ".join(found) or None
+
+    rows = [{"name": r.name, "source": r.source, "module": r.module, "provides": r.kinds, "error": errors(r)}
             for r in pm.records]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
