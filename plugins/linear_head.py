@@ -35,24 +35,29 @@ def _define():
     class LinearHead(ClassifierHead):
         """Softmax regression trained with torch.
 
-        ``lr``, ``weight_decay``: AdamW; ``epochs``: passes over the training rows; ``batch_size``: rows per step
-        (0 = full batch); ``val_fraction``: held out for early stopping (0 = none, train all ``epochs``);
+        ``lr``, ``weight_decay``: AdamW; ``epochs``: passes over the training rows (see ``min_steps``);
+        ``batch_size``: rows per step (0 = full batch); ``val_fraction``: held out for early stopping (0 = none,
+        train all ``epochs``);
         ``patience``: epochs without a lower validation loss before stopping (the best epoch's weights are kept);
-        ``standardize``: scale features to unit variance; ``device``: auto, cpu, cuda; ``seed``: init, shuffling, split.
+        ``min_steps``: the fewest optimizer steps ``epochs`` epochs make: on data so small that ``epochs`` passes
+        are fewer steps, each epoch becomes several passes (validation and patience count these longer epochs),
+        so a few hundred rows get the same optimisation budget as a large set; ``standardize``: scale features
+        to unit variance; ``device``: auto, cpu, cuda; ``seed``: init, shuffling, split.
         """
 
         param_types = {"lr": (float,), "weight_decay": (float,), "epochs": (int,), "batch_size": (int,),
-                       "val_fraction": (float,), "patience": (int,), "standardize": (bool,), "device": (str,),
-                       "seed": (int,)}
+                       "val_fraction": (float,), "patience": (int,), "min_steps": (int,), "standardize": (bool,),
+                       "device": (str,), "seed": (int,)}
 
         def __init__(self, lr=1e-3, weight_decay=1e-2, epochs=100, batch_size=256, val_fraction=0.1, patience=8,
-                     standardize=True, device="auto", seed=0):
+                     min_steps=1000, standardize=True, device="auto", seed=0):
             self.lr = lr
             self.weight_decay = weight_decay
             self.epochs = epochs
             self.batch_size = batch_size
             self.val_fraction = val_fraction
             self.patience = patience
+            self.min_steps = min_steps
             self.standardize = standardize
             self.device = device
             self.seed = seed
@@ -92,16 +97,20 @@ def _define():
                 Xv = torch.from_numpy(Xs[va]).to(device) if len(va) else None
                 yv = torch.from_numpy(y_idx[va]).to(device) if len(va) else None
                 bs = len(tr) if self.batch_size <= 0 else min(self.batch_size, len(tr))
+                steps_per_pass = -(-len(tr) // bs)
+                # 100 epochs of 81 rows are 100 steps: too few for AdamW at 1e-3 to move far from the random init
+                passes = max(1, -(-max(0, self.min_steps) // max(1, self.epochs * steps_per_pass)))
                 best, best_state, bad_epochs = np.inf, None, 0
                 self.n_epochs_ = 0
                 for _epoch in range(self.epochs):
                     layer.train()
-                    order = torch.randperm(len(tr), generator=gen).to(device)
-                    for i in range(0, len(tr), bs):
-                        idx = order[i:i + bs]
-                        opt.zero_grad(set_to_none=True)
-                        loss_fn(layer(Xt[idx]), yt[idx]).backward()
-                        opt.step()
+                    for _ in range(passes):
+                        order = torch.randperm(len(tr), generator=gen).to(device)
+                        for i in range(0, len(tr), bs):
+                            idx = order[i:i + bs]
+                            opt.zero_grad(set_to_none=True)
+                            loss_fn(layer(Xt[idx]), yt[idx]).backward()
+                            opt.step()
                     self.n_epochs_ += 1
                     if Xv is None:
                         continue
@@ -120,6 +129,7 @@ def _define():
                             p.copy_(b)
                 self.coef_ = layer.weight.detach().cpu().numpy().astype(np.float32)
                 self.intercept_ = layer.bias.detach().cpu().numpy().astype(np.float32)
+            self.passes_per_epoch_ = passes
             self.best_val_loss_ = float(best) if np.isfinite(best) else None
 
         def _proba(self, X):

@@ -76,10 +76,7 @@ def test_efficientnet_lite_larger_with_their_weights(variant):
 
 # Contract violations found by these checks, reported to the heads' owner; strict, so a fix shows up as XPASS
 # (then delete the entry).
-KNOWN_HEAD_VIOLATIONS = {
-    "linear": "100 full-batch AdamW steps at lr 1e-3 leave the linear head near its random init on small data "
-              "(~73% on three well-separated 90-row blobs)",
-}
+KNOWN_HEAD_VIOLATIONS: dict[str, str] = {}
 
 
 def head_cases():
