@@ -94,7 +94,10 @@ def _find_idx(directory, stem):
 def fashion_mnist(arg, split=None, root=None):
     split = split or "train"
     prefix = "train" if split == "train" else "t10k"
-    candidates = [root] if root else [os.path.expanduser(d) for d in FASHION_DIRS]
+    # TLFX_FASHION_MNIST_DIRS (os.pathsep-separated) replaces the default search path
+    dirs = os.environ.get("TLFX_FASHION_MNIST_DIRS")
+    dirs = [d for d in dirs.split(os.pathsep) if d] if dirs is not None else FASHION_DIRS
+    candidates = [root] if root else [os.path.expanduser(d) for d in dirs]
     if root:
         candidates += [os.path.join(root, "FashionMNIST", "raw")]
     for d in candidates:

@@ -9,10 +9,11 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import needs_fashion, run_cli
+from conftest import FASHION_DIR, needs_fashion, run_cli
 from PIL import Image
 
 import tlfx
+from tlfx.errors import TlfxError
 from tlfx.images import preprocess_image
 
 DOCUMENTED_ATTRS = ["format_version", "tlfx_version", "backbone", "weights", "layers", "pooling", "image_size",
@@ -72,6 +73,24 @@ def test_cli_extract_fashion_mnist_and_info(tmp_path):
         assert text in info.stdout
     with h5py.File(out) as f:
         assert f["labels"][:5].tolist() == [9, 2, 1, 1, 6]  # the first Fashion-MNIST test labels
+
+
+@needs_fashion
+def test_fashion_mnist_search_path_from_the_environment(tmp_path, monkeypatch):
+    from tlfx.datasets import load_dataset
+
+    moved = tmp_path / "idx"
+    moved.mkdir()
+    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
+        os.symlink(os.path.join(FASHION_DIR, name), moved / name)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    monkeypatch.setenv("TLFX_FASHION_MNIST_DIRS", f"{empty}{os.pathsep}{moved}")
+    ds = load_dataset("fashion-mnist", split="test", limit=5)
+    assert ds.labels[:5].tolist() == [9, 2, 1, 1, 6]
+    monkeypatch.setenv("TLFX_FASHION_MNIST_DIRS", str(empty))
+    with pytest.raises(TlfxError, match=f"not found in {empty}; apt-get install dataset-fashion-mnist"):
+        load_dataset("fashion-mnist", split="test", limit=5)
 
 
 @pytest.mark.slow

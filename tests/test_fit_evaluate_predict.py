@@ -156,6 +156,20 @@ def test_api_fit_search_and_model_objects(digits_stores, tmp_path):
     assert rep["confusion_matrix"] == from_file["confusion_matrix"]
 
 
+@pytest.mark.slow  # a full CLI run (extraction + fit)
+def test_cli_demo_without_fashion_mnist_falls_back_to_digits(tmp_path):
+    """A machine without the Debian package (nothing in the Fashion-MNIST search path): a note, then digits."""
+    empty = tmp_path / "no-idx-here"
+    empty.mkdir()
+    proc = run_cli("demo", "--train-limit", "60", "--test-limit", "30", "--image-size", "32", "--heads", "knn",
+                   "--out", tmp_path / "demo", "--quiet", env={"TLFX_FASHION_MNIST_DIRS": str(empty)}, check=True)
+    assert "Fashion-MNIST is not installed here" in proc.stderr and "using scikit-learn's digits" in proc.stderr
+    assert proc.stdout.splitlines()[1].startswith("digits: 60 train / 30 test images")
+    results = json.loads((tmp_path / "demo" / "results.json").read_text())
+    assert results["data"] == "digits" and [r["head"] for r in results["heads"]] == ["knn"]
+    assert 0.2 < results["heads"][0]["accuracy"] <= 1
+
+
 @pytest.mark.slow  # two full CLI runs (extraction + fits): ~15 s of CPU
 def test_cli_demo_small_then_rerun_reuses_stores(tmp_path):
     args = ["demo", "--data", "digits", "--train-limit", "120", "--test-limit", "60", "--image-size", "32",
