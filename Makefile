@@ -7,10 +7,10 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 
 .PHONY: setup data demo test test-slow test-all lint bench clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,ray]'
+	$(BIN)/python -m pip install -q -e '.[test,ray,lite]'
 	touch $(STAMP)
 
 setup: $(STAMP)

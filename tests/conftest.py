@@ -18,6 +18,24 @@ needs_fashion = pytest.mark.skipif(
 )
 
 
+def assert_imagenet_top5(bb):
+    """Pretrained ImageNet weights, checked: photos shipped with scikit-image get their true class in the top 5."""
+    import torch
+    from skimage import data
+
+    from tlfx.images import preprocess_image
+
+    expected = {"coffee": {967, 968, 504}, "chelsea": {281, 282, 285}}  # espresso/cup/coffee mug; tabby/tiger/Egyptian cat
+    mean = torch.tensor(bb.preprocess.mean).view(1, 3, 1, 1)
+    std = torch.tensor(bb.preprocess.std).view(1, 3, 1, 1)
+    for name, classes in expected.items():
+        img = Image.fromarray(getattr(data, name)()).convert("RGB")
+        x = torch.from_numpy(preprocess_image(img, bb.preprocess).copy()).permute(2, 0, 1)[None].float() / 255
+        with torch.inference_mode():
+            top5 = set(bb.module((x - mean) / std).topk(5).indices[0].tolist())
+        assert top5 & classes, f"{bb.name}: {name}: top-5 {top5} has none of {classes}"
+
+
 def run_cli(*args, env=None, cwd=None, check=False):
     """Run the real ``tlfx`` console entry point in a subprocess; returns CompletedProcess (text)."""
     full_env = {**os.environ, **(env or {})}

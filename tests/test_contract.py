@@ -12,14 +12,14 @@ import os
 import numpy as np
 import pytest
 import torch
-from conftest import needs_fashion
+from conftest import assert_imagenet_top5, needs_fashion
 from PIL import Image
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.linear_model import LogisticRegression
 from sklearn.utils.validation import check_is_fitted
 from torch import nn
 
-from tlfx.backbone import Backbone, Preprocess, WeightsInfo
+from tlfx.backbone import Backbone, Preprocess, WeightsInfo, create_backbone
 from tlfx.datasets import ArrayDataset
 from tlfx.heads import list_heads
 from tlfx.plugins import get_plugin_manager
@@ -70,6 +70,7 @@ def test_efficientnet_lite_larger_with_their_weights(variant):
     if not ok:
         pytest.skip(f"{name} weights not installed: {where}")
     check_backbone(name, weights=None, image_size=64)
+    assert_imagenet_top5(create_backbone(name))
 
 
 # ---------------------------------------------------------------------------------------------------- heads

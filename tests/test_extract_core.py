@@ -9,8 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import FASHION_DIR, needs_fashion, run_cli
-from PIL import Image
+from conftest import FASHION_DIR, assert_imagenet_top5, needs_fashion, run_cli
 
 import tlfx
 from tlfx.errors import TlfxError
@@ -48,16 +47,7 @@ def test_python_api_mirrors_cli(digits_stores):
 
 def test_default_weights_are_really_pretrained(lite0):
     """ImageNet photos shipped with scikit-image get their true class in the top 5."""
-    from skimage import data
-
-    expected = {"coffee": {967, 968, 504}, "chelsea": {281, 282, 285}}  # espresso/cup/coffee mug; tabby/tiger/Egyptian cat
-    for name, classes in expected.items():
-        img = Image.fromarray(getattr(data, name)()).convert("RGB")
-        x = torch.from_numpy(preprocess_image(img, lite0.preprocess).copy()).permute(2, 0, 1)[None].float() / 255
-        x = (x - torch.tensor(lite0.preprocess.mean).view(1, 3, 1, 1)) / torch.tensor(lite0.preprocess.std).view(1, 3, 1, 1)
-        with torch.inference_mode():
-            top5 = set(lite0.module(x).topk(5).indices[0].tolist())
-        assert top5 & classes, f"{name}: top-5 {top5} has none of {classes}"
+    assert_imagenet_top5(lite0)
 
 
 @needs_fashion
