@@ -8,6 +8,7 @@ prediction needs no torch at all.
 
 from __future__ import annotations
 
+import math
 import sys
 
 import numpy as np
@@ -97,9 +98,8 @@ def _define():
                 Xv = torch.from_numpy(Xs[va]).to(device) if len(va) else None
                 yv = torch.from_numpy(y_idx[va]).to(device) if len(va) else None
                 bs = len(tr) if self.batch_size <= 0 else min(self.batch_size, len(tr))
-                steps_per_pass = -(-len(tr) // bs)
                 # 100 epochs of 81 rows are 100 steps: too few for AdamW at 1e-3 to move far from the random init
-                passes = max(1, -(-max(0, self.min_steps) // max(1, self.epochs * steps_per_pass)))
+                passes = max(1, math.ceil(self.min_steps / max(1, self.epochs * math.ceil(len(tr) / bs))))
                 best, best_state, bad_epochs = np.inf, None, 0
                 self.n_epochs_ = 0
                 for _epoch in range(self.epochs):
