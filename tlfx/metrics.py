@@ -1,4 +1,4 @@
-"""Classification metrics shared by ``tlfx evaluate``, the demo and any model kind (head, finetune, ...).
+"""Classification metrics: the one implementation behind ``tlfx evaluate``, ``tlfx compare`` and the demo.
 
 >>> from tlfx.metrics import classification_report_dict, format_report
 >>> rep = classification_report_dict([0, 1, 1], [0, 1, 0], ["cat", "dog"])
@@ -14,9 +14,60 @@ def confusion_matrix(y_true, y_pred, n_classes: int) -> np.ndarray:
     """``cm[i, j]`` = rows of true class ``i`` predicted as ``j``."""
     y_true = np.asarray(y_true, dtype=np.int64)
     y_pred = np.asarray(y_pred, dtype=np.int64)
-    cm = np.zeros((n_classes, n_classes), dtype=np.int64)
-    np.add.at(cm, (y_true, y_pred), 1)
-    return cm
+    return np.bincount(y_true * n_classes + y_pred, minlength=n_classes * n_classes).reshape(n_classes, n_classes)
+
+
+def per_class_scores(cm: np.ndarray) -> dict:
+    """Precision, recall, F1 and support per class from a confusion matrix (0 where undefined)."""
+    tp = np.diag(cm).astype(np.float64)
+    predicted, support = cm.sum(0).astype(np.float64), cm.sum(1).astype(np.float64)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {"precision": precision, "recall": recall, "f1": f1, "support": support.astype(np.int64)}
+
+
+def macro_f1(cm: np.ndarray) -> float:
+    """Macro-F1 over the classes present in the truth or the predictions (scikit-learn's convention)."""
+    present = (cm.sum(0) + cm.sum(1)) > 0
+    return float(per_class_scores(cm)["f1"][present].mean()) if present.any() else 0.0
+
+
+def bootstrap_ci(y, p, k: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """Percentile bootstrap intervals of accuracy and macro-F1 over test examples (fixed seed)."""
+    y, p = np.asarray(y, dtype=np.int64), np.asarray(p, dtype=np.int64)
+    n = len(y)
+    if n == 0 or n_boot <= 0:
+        return {"accuracy": [None, None], "macro_f1": [None, None]}
+    rng = np.random.default_rng(seed)
+    codes = y * k + p
+    accs = np.empty(n_boot)
+    f1s = np.empty(n_boot)
+    for b in range(n_boot):
+        cm = np.bincount(codes[rng.integers(0, n, n)], minlength=k * k).reshape(k, k)
+        accs[b] = np.trace(cm) / n
+        f1s[b] = macro_f1(cm)
+    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+    return {"accuracy": [float(np.percentile(accs, lo)), float(np.percentile(accs, hi))],
+            "macro_f1": [float(np.percentile(f1s, lo)), float(np.percentile(f1s, hi))]}
+
+
+def scores(y, p, k: int, n_boot: int, seed: int) -> dict:
+    """The numbers of one comparison row: accuracy and macro-F1 with bootstrap intervals, per-class scores,
+    the confusion matrix and the error count."""
+    cm = confusion_matrix(y, p, k)
+    ci = bootstrap_ci(y, p, k, n_boot, seed)
+    return {
+        "accuracy": float(np.trace(cm) / max(len(y), 1)),
+        "accuracy_ci95": ci["accuracy"],
+        "macro_f1": macro_f1(cm),
+        "macro_f1_ci95": ci["macro_f1"],
+        "per_class": {name: [round(float(v), 6) for v in vals] for name, vals in per_class_scores(cm).items()},
+        "confusion": cm.tolist(),
+        "n_test": int(len(y)),
+        "n_errors": int(len(y) - np.trace(cm)),
+    }
 
 
 def classification_report_dict(y_true, y_pred, class_names) -> dict:
@@ -28,19 +79,13 @@ def classification_report_dict(y_true, y_pred, class_names) -> dict:
     k = max(len(names), int(y_true.max(initial=-1)) + 1, int(y_pred.max(initial=-1)) + 1)
     names += [str(i) for i in range(len(names), k)]
     cm = confusion_matrix(y_true, y_pred, k)
-    tp = np.diag(cm).astype(np.float64)
-    support = cm.sum(axis=1)
-    predicted = cm.sum(axis=0)
-    precision = np.divide(tp, predicted, out=np.zeros(k), where=predicted > 0)
-    recall = np.divide(tp, support, out=np.zeros(k), where=support > 0)
-    denom = precision + recall
-    f1 = np.divide(2 * precision * recall, denom, out=np.zeros(k), where=denom > 0)
-    present = (support > 0) | (predicted > 0)
+    s = per_class_scores(cm)
+    precision, recall, f1, support = s["precision"], s["recall"], s["f1"], s["support"]
     n = int(len(y_true))
     return {
         "n": n,
-        "accuracy": float(tp.sum() / n) if n else 0.0,
-        "macro_f1": float(f1[present].mean()) if present.any() else 0.0,
+        "accuracy": float(np.trace(cm) / n) if n else 0.0,
+        "macro_f1": macro_f1(cm),
         "per_class": [
             {"class": names[i], "precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]),
              "support": int(support[i])}

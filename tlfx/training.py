@@ -1,0 +1,157 @@
+"""Fitting heads on features: the one path behind ``tlfx fit``, ``tlfx compare`` and :func:`tlfx.fit`.
+
+A head is created, seeded, optionally tuned by a cross-validated grid search on the training rows only, and
+fitted here; callers only decide what to do with the fitted estimator.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from .errors import TlfxError
+
+SEED_PARAMS = ("random_state", "seed")
+
+
+def plain(v):
+    """A numpy scalar as the Python value (JSON-safe); anything else unchanged."""
+    return v.item() if isinstance(v, np.generic) else v
+
+
+def seed_head(est, seed: int, fixed=()):
+    """Set every ``random_state``/``seed`` parameter of ``est`` (nested ones too) to ``seed``, except those in
+    ``fixed`` (set by the user). One seed drives forests, Nystroem landmarks, the linear head and CV folds."""
+    names = [k for k in est.get_params(deep=True) if k.rsplit("__", 1)[-1] in SEED_PARAMS and k not in fixed]
+    if names:
+        est.set_params(**{k: seed for k in names})
+    return est
+
+
+def reseed_globals(seed: int):
+    """Seed numpy's and torch's global generators, for heads that draw from them."""
+    np.random.seed(seed)
+    try:
+        import torch
+
+        torch.manual_seed(seed)
+    except ImportError:  # pragma: no cover - torch is a dependency
+        pass
+
+
+def create_seeded_head(name: str, params: dict | None, seed: int):
+    """Head ``name`` with ``params``, seeded with ``seed`` wherever ``params`` leave a seed open."""
+    from .heads import create_head
+
+    params = dict(params or {})
+    return seed_head(create_head(name, **params), seed, fixed=params)
+
+
+@contextlib.contextmanager
+def collect_warnings(into: list | None):
+    """Keep library warnings (convergence, deprecations) out of the progress display; record them in ``into``."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        yield
+    if into is not None:
+        for w in caught:
+            msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}"
+            if msg not in into:
+                into.append(msg)
+
+
+def check_classes(y, where: str):
+    """Refuse training rows with fewer than two classes (one line naming ``where``)."""
+    present = np.unique(y)
+    if len(present) == 0:
+        raise TlfxError(f"{where} has no labeled rows; training needs labeled features")
+    if len(present) < 2:
+        raise TlfxError(f"{where} has only one class (label {int(present[0])}) among its labeled rows; a classifier "
+                        f"needs at least 2 classes")
+
+
+def cv_folds(y, cv: int) -> int:
+    """The number of stratified folds ``--search`` can use: ``cv``, or fewer when the smallest class is small."""
+    counts = np.bincount(np.asarray(y, dtype=np.int64))
+    smallest = int(counts[counts > 0].min()) if (counts > 0).any() else 0
+    k = min(cv, smallest)
+    if k < 2:
+        raise TlfxError(f"--search needs at least 2 training rows per class (smallest class has {smallest}); "
+                        f"drop --search or add data")
+    return k
+
+
+@dataclass
+class SearchResult:
+    """What a grid search chose and how every setting scored (cross-validated accuracy on the training rows)."""
+
+    best_params: dict
+    cv_score: float
+    seconds: float
+    folds: int
+    grid: dict
+    results: list = field(default_factory=list)
+
+    def record(self, seed: int) -> dict:
+        """The JSON record kept in model files and reports."""
+        return {"grid": {k: [plain(x) for x in v] for k, v in self.grid.items()}, "cv_folds": self.folds,
+                "cv_score": self.cv_score, "best_params": self.best_params, "seed": seed,
+                "search_seconds": self.seconds, "results": self.results}
+
+
+def search(name: str, X, y, *, fixed: dict | None = None, cv: int = 5, seed: int = 0, engine: str = "local",
+           address: str | None = None, warn: list | None = None) -> SearchResult | None:
+    """Grid-search head ``name``'s ``param_grid`` (minus the parameters in ``fixed``) with stratified ``cv``-fold
+    CV on ``X, y``; None when nothing is left to search. A setting that fails to fit scores NaN and is reported in
+    ``warn``; when every setting fails, the first failure is raised as one line."""
+    from sklearn.model_selection import GridSearchCV, StratifiedKFold
+
+    from .engines import search_backend
+    from .heads import param_grid
+
+    fixed = dict(fixed or {})
+    grid = {k: v for k, v in param_grid(name).items() if k not in fixed}
+    if not grid:
+        return None
+    folds = cv_folds(y, cv)
+    t0 = time.perf_counter()
+    reseed_globals(seed)
+    # n_jobs unset: one process locally, every CPU of the cluster with --engine ray (joblib backend)
+    gs = GridSearchCV(create_seeded_head(name, fixed, seed), grid, scoring="accuracy", refit=False,
+                      cv=StratifiedKFold(folds, shuffle=True, random_state=seed), error_score=np.nan)
+    failures: list = []
+    with collect_warnings(failures), search_backend(engine, address):
+        gs.fit(X, y)
+    if warn is not None:
+        warn += [w for w in failures if w not in warn]
+    means = np.asarray(gs.cv_results_["mean_test_score"], dtype=np.float64)
+    if not np.isfinite(means).any():
+        why = next((w for w in failures if "FitFailed" in w), "every setting failed to fit")
+        raise TlfxError(f"head {name!r}: every setting of the --search grid failed to fit ({why}); check --param")
+    best = {k: plain(v) for k, v in gs.best_params_.items()}
+    results = [{"params": {k: plain(v) for k, v in p.items()}, "mean": float(m), "std": float(s)}
+               for p, m, s in zip(gs.cv_results_["params"], means, gs.cv_results_["std_test_score"])]
+    return SearchResult(best, float(gs.best_score_), time.perf_counter() - t0, folds, grid, results)
+
+
+def fit_head(name: str, X, y, params: dict | None = None, seed: int = 0, warn: list | None = None):
+    """A fresh head ``name`` with ``params`` (seeded) fitted on ``X, y``; returns ``(estimator, fit seconds)``.
+
+    A head that refuses its parameters or data (ValueError/TypeError) becomes one line naming the head."""
+    est = create_seeded_head(name, params, seed)
+    reseed_globals(seed)
+    try:
+        with collect_warnings(warn):
+            t0 = time.perf_counter()
+            est.fit(X, y)
+            seconds = time.perf_counter() - t0
+    except TlfxError:
+        raise
+    except (ValueError, TypeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TlfxError(f"head {name!r} with parameters {params or '(defaults)'} cannot be fitted: {msg}") from None
+    return est, seconds
