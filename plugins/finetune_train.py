@@ -481,9 +481,9 @@ def finetune(out: str, config: FinetuneConfig | None = None, *, restart: bool = 
         seen, loss_sum, correct, last_line = 0, 0.0, 0, 0.0
         bar = None
         if progress:
-            from tqdm import tqdm
+            from tlfx.progress import progress_bar
 
-            bar = tqdm(total=len(tr_idx), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
+            bar = progress_bar(total=len(tr_idx), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
                        leave=False, dynamic_ncols=True)
         try:
             for x, y, _ids, bad in loader:

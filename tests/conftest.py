@@ -10,12 +10,42 @@ import numpy as np
 import pytest
 from PIL import Image
 
-FASHION_DIR = "/usr/share/datasets/fashion-mnist"
 
-needs_fashion = pytest.mark.skipif(
-    not os.path.isfile(os.path.join(FASHION_DIR, "t10k-images-idx3-ubyte.gz")),
-    reason="Fashion-MNIST IDX files missing: apt-get install dataset-fashion-mnist (.ci/run does)",
-)
+def fashion_test_split():
+    """Fashion-MNIST's test split found by the dataset plugin's own lookup (``tlfx.load_dataset``), or None.
+
+    ``TLFX_FASHION_MNIST_DIRS`` replaces the plugin's search path, so ``TLFX_FASHION_MNIST_DIRS=/nonexistent``
+    makes this machine look like a fresh one without the Debian package.
+    """
+    from tlfx import load_dataset
+    from tlfx.errors import TlfxError
+
+    try:
+        return load_dataset("fashion-mnist", split="test")
+    except TlfxError:
+        return None
+
+
+def fashion_dir():
+    """The directory of the search path the dataset plugin reads Fashion-MNIST's test files from, or None."""
+    from tlfx import load_dataset
+    from tlfx.errors import TlfxError
+    from tlfx.plugins import registry
+
+    plugin = sys.modules[registry("dataset").get("fashion-mnist").factory.__module__]
+    dirs = os.environ.get("TLFX_FASHION_MNIST_DIRS")
+    for d in filter(None, dirs.split(os.pathsep) if dirs is not None else plugin.FASHION_DIRS):
+        try:  # the plugin's own finder, pointed at one directory of its search path at a time
+            load_dataset("fashion-mnist", split="test", root=os.path.expanduser(d), limit=1)
+        except TlfxError:
+            continue
+        return os.path.expanduser(d)
+    return None
+
+
+HAVE_FASHION = fashion_test_split() is not None
+needs_fashion = pytest.mark.skipif(not HAVE_FASHION, reason="Fashion-MNIST not found by the fashion-mnist dataset "
+                                   "plugin: apt-get install dataset-fashion-mnist (make test does, as root)")
 
 
 def assert_imagenet_top5(bb):
@@ -66,10 +96,17 @@ def digits_stores(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def fashion_png_dir(tmp_path_factory):
-    """A real image folder: 10 classes x 6 Fashion-MNIST images as PNG and JPEG, mixed sizes and modes."""
-    from plugins.datasets import fashion_mnist
+    """A real image folder: 10 classes x 6 images as PNG and JPEG, mixed sizes and modes.
 
-    ds = fashion_mnist(None, split="test")
+    Fashion-MNIST test images where the package is installed; elsewhere (a fresh machine) scikit-learn's digits,
+    which are always there, in class folders ``digit-0`` ... ``digit-9`` (names unlike the digits dataset's own).
+    """
+    import tlfx
+
+    ds = fashion_test_split()
+    prefix = ""
+    if ds is None:
+        ds, prefix = tlfx.load_dataset("digits", split="test"), "digit-"
     root = tmp_path_factory.mktemp("fashion_imgs")
     counts = {}
     for i in range(len(ds)):
@@ -77,7 +114,7 @@ def fashion_png_dir(tmp_path_factory):
         if counts.get(c, 0) >= 6:
             continue
         k = counts[c] = counts.get(c, 0) + 1
-        cls_dir = root / ds.class_names[c].replace("/", "-")
+        cls_dir = root / (prefix + ds.class_names[c].replace("/", "-"))
         cls_dir.mkdir(exist_ok=True)
         img = Image.fromarray(ds.images[i], "L")
         if k % 3 == 0:

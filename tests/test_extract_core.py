@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import FASHION_DIR, assert_imagenet_top5, needs_fashion, run_cli
+from conftest import assert_imagenet_top5, fashion_dir, needs_fashion, run_cli
 
 import tlfx
 from tlfx.errors import TlfxError
@@ -71,8 +71,10 @@ def test_fashion_mnist_search_path_from_the_environment(tmp_path, monkeypatch):
 
     moved = tmp_path / "idx"
     moved.mkdir()
-    for name in ("t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz"):
-        os.symlink(os.path.join(FASHION_DIR, name), moved / name)
+    found = fashion_dir()
+    for name in os.listdir(found):
+        if name.startswith("t10k-"):  # the test split's images and labels, .gz or not
+            os.symlink(os.path.join(found, name), moved / name)
     empty = tmp_path / "empty"
     empty.mkdir()
     monkeypatch.setenv("TLFX_FASHION_MNIST_DIRS", f"{empty}{os.pathsep}{moved}")

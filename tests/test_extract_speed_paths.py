@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-from conftest import needs_fashion
+from conftest import fashion_test_split, needs_fashion
 from PIL import Image
 
 from tlfx.backbone import Preprocess
@@ -25,9 +25,7 @@ def _resize_then_crop(img, pre):
 @needs_fashion
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos", "nearest"])
 def test_box_resize_gives_the_pixels_of_resize_then_crop(interpolation):
-    from plugins.datasets import fashion_mnist
-
-    ds = fashion_mnist(None, split="test")
+    ds = fashion_test_split()
     pre = Preprocess(256, 224, interpolation=interpolation)
     for k, (w, h) in enumerate([(28, 28), (300, 200), (1000, 750), (257, 513)]):
         img = Image.fromarray(ds.images[k], "L").convert("RGB").resize((w, h), Image.Resampling.BICUBIC)

@@ -302,9 +302,9 @@ class Progress:
         if self.enabled:
             import threading
 
-            from tqdm import tqdm
+            from .progress import progress_bar
 
-            self.bar = tqdm(total=self.total, unit="step", dynamic_ncols=True, file=sys.stderr,
+            self.bar = progress_bar(total=self.total, unit="step", dynamic_ncols=True, file=sys.stderr,
                             bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} [{elapsed}<{remaining}]")
             self._stop = threading.Event()
             # one fit can take minutes: keep the elapsed time moving so the display never looks stuck

@@ -309,10 +309,11 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDa
 
 
 def _run(computer: FeatureComputer, ds, writer, start, part_size, batch_size, workers, strict, progress):
-    from tqdm import tqdm
+    from .progress import progress_bar
 
     n = len(ds)
-    bar = tqdm(total=n, initial=start, unit="img", disable=not progress, dynamic_ncols=True, smoothing=0.1)
+    bar = progress_bar(total=n, initial=start, unit="img", desc="extract", disable=not progress, dynamic_ncols=True,
+                       smoothing=0.1)
     pw = _PartWriter(writer)
     n_done = n_skipped = dim = 0
     part_start = start

@@ -362,7 +362,7 @@ def _run_pool(actors, blocks, n_items, done_before, on_block, progress) -> dict:
     still fails comes back here: the block goes back to the front of the queue, and the actor gets no more work
     until a probe call shows it is back.
     """
-    from tqdm import tqdm
+    from ..progress import progress_bar
 
     queue = deque(blocks)
     inflight: dict = {}  # ObjectRef -> ("block", (start, end), actor index) or ("probe", None, actor index)
@@ -370,7 +370,7 @@ def _run_pool(actors, blocks, n_items, done_before, on_block, progress) -> dict:
     alive, suspect = set(range(len(actors))), set()
     pids: dict = {}
     report = {"hosts": set(), "restarts": 0, "requeued": 0}
-    bar = tqdm(total=n_items, initial=done_before, unit="img", disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(total=n_items, initial=done_before, unit="img", desc="extract", disable=not progress, dynamic_ncols=True)
 
     def fill():
         for ai in sorted(alive - suspect):
