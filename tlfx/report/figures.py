@@ -331,13 +331,15 @@ def read_under_root(root: str, rel: str, limit: int = MAX_GALLERY_FILE) -> bytes
         raise UnsafePath("file not found") from None
     except OSError as exc:
         raise UnsafePath(f"cannot open: {os.strerror(exc.errno) if exc.errno else exc}") from None
-    with os.fdopen(fd, "rb") as f:
-        st = os.fstat(f.fileno())
+    try:
+        st = os.fstat(fd)
         if not stat.S_ISREG(st.st_mode):
             raise UnsafePath("not a regular file")
         if st.st_size > limit:
             raise UnsafePath(f"larger than {limit // (1024 * 1024)} MB")
-        data = f.read(limit + 1)
+        data = os.read(fd, limit + 1)
+    finally:
+        os.close(fd)
     if len(data) > limit:
         raise UnsafePath(f"larger than {limit // (1024 * 1024)} MB")
     return data
