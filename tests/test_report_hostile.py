@@ -82,7 +82,8 @@ def hostile_stores(digits_stores, tmp_path_factory):
     tr, te = digits_stores
     d = tmp_path_factory.mktemp("hostile")
     attrs = {"class_names": json.dumps(HOSTILE_CLASSES), "image_size": "<script>alert(4)</script>",
-             "pooling": "\x1b[2J<img src=x onerror=alert(5)>|", "split": "</td><script>alert(6)</script>"}
+             "pooling": "\x1b[2J<img src=x onerror=alert(5)>|", "backbone": "eff\x1b[31m<i>net",
+             "split": "</td><script>alert(6)</script>"}
     return rewrite(tr, d / "tr.h5", attrs), rewrite(te, d / "te.h5", attrs), d
 
 
@@ -92,13 +93,13 @@ def test_hostile_names_and_attributes_are_escaped_in_every_output(hostile_stores
     st = FeatureStore(tr)
     est, _ = fit_head("knn", st.features, st.labels, {}, 0)
     model = d / "m\x1b[31m<b>|x.tlfx"
-    save_head(est, "knn", {}, st, str(model))
+    save_head(est, "knn", {}, st, str(model), {"name": "m\x1b[31m<b>|x"})
     out = d / "rep"
     proc = run_cli("compare", "--train", tr, "--test", te, "--heads", "knn", "--finetune", model,
-                   "--learning-curve", "1,all", "--bootstrap", "50", "--quiet", "--out", out)
+                   "--learning-curve", "1,all", "--bootstrap", "50", "--out", out)  # progress on: names in it
     assert proc.returncode == 0, proc.stderr  # "$1_to_$5" used to end in an empty "ValueError:" from mathtext
     assert "\x1b" not in proc.stdout + proc.stderr
-    assert "\\x1b[31m" in proc.stdout  # the escape is shown, not obeyed
+    assert "m\\x1b[31m<b>|x (head)" in proc.stdout and "100%" in proc.stderr  # the escape is shown, not obeyed
 
     html = (out / "report.html").read_text()
     page = Page(html)
@@ -108,7 +109,11 @@ def test_hostile_names_and_attributes_are_escaped_in_every_output(hostile_stores
     assert "&lt;script&gt;alert(4)&lt;/script&gt;" in html and page.title.startswith("tlfx compare")
 
     md = (out / "report.md").read_text()
-    assert "\x1b" not in md and not re.search(r"(?<!\\)<", md)  # every '<' escaped: no raw HTML in the Markdown
+    assert "\x1b" not in md
+    body, _, command = md.partition("## Command")
+    assert not re.search(r"(?<!\\)<", body)  # every '<' escaped: no raw HTML in the Markdown
+    fence = command.strip().splitlines()
+    assert len(fence) == 3 and fence[0] == fence[2] == "```" and "m\\x1b[31m<b>|x.tlfx" in fence[1]  # code: literal
     results = md.split("## Results", 1)[1].split("\n\n")[1]
     assert table_widths(results) == {10}, results  # 9 columns on every line: no '|' from a name adds one
     assert len([ln for ln in results.splitlines() if ln.startswith("|")]) == 2 + 2  # header, rule, 2 rows
@@ -200,11 +205,13 @@ def test_planted_links_are_replaced_never_followed(tiny, tmp_path):
     for name in ("report.html.tmp", "report.json.tmp", "report.md.tmp", "report.html"):
         os.symlink(victim, out / name)
     os.symlink(victim_dir, out / "figures")
+    os.symlink(victim_dir, out / "models")
     (out / ".tlfx-tmp-stale.tmp").write_text("left by a killed run")
     compare(tr, te, ["knn"], str(out), learning_curve="none", n_boot=10)
     assert victim.read_text() == "keep me" and os.listdir(victim_dir) == ["confusion_best.png"]
     assert (victim_dir / "confusion_best.png").read_text() == "keep me too"
     assert not (out / "figures").is_symlink() and (out / "figures" / "confusion_best.png").stat().st_size > 1000
+    assert not (out / "models").is_symlink() and (out / "models" / "knn.tlfx").stat().st_size > 1000
     assert not (out / "report.html").is_symlink() and "<html" in (out / "report.html").read_text()
     assert not [p for p in os.listdir(out) if p.startswith(".tlfx-tmp-") or p.endswith(".tmp")]
     assert oct((out / "report.html").stat().st_mode & 0o777) == oct(0o666 & ~_umask())

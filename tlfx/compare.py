@@ -175,7 +175,8 @@ def open_pair(train: str, test: str, allow_incomplete: bool = False) -> tuple[Fe
     detail = config_differences(tr.config, te.config, CONFIG_KEYS, names=("", ""))
     if detail:
         raise TlfxError(f"train store {train!r} and test store {test!r} were made with different backbone "
-                        f"configurations ({detail}); extract both with the same --backbone/--layers/--pooling/--image-size")
+                        f"configurations ({terminal(detail)}); extract both with the same "
+                        f"--backbone/--layers/--pooling/--image-size")
     if tr.class_names != te.class_names:
         raise TlfxError(f"train store {train!r} and test store {test!r} have different class names "
                         f"({len(tr.class_names)} vs {len(te.class_names)} classes); extract both from the same dataset")
@@ -368,7 +369,7 @@ class Progress:
     def step(self, what: str):
         self.log.append(what)
         if self.bar is not None:
-            self.bar.set_description_str(what[:48].ljust(48))
+            self.bar.set_description_str(terminal(what)[:48].ljust(48))  # names from stores: no escapes sent
 
     def done(self, n: int = 1):
         if self.bar is not None:
@@ -430,8 +431,11 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
     overlap = training_overlap(tr_store, te_store)
     if overlap:
         print(f"warning: {terminal(overlap['message'])}", file=sys.stderr, flush=True)
+    models_dir = os.path.join(out, "models")
     try:
-        os.makedirs(os.path.join(out, "models"), exist_ok=True)
+        if os.path.islink(models_dir):
+            os.unlink(models_dir)  # a planted link would send the model files elsewhere: replace it by a folder
+        os.makedirs(models_dir, exist_ok=True)
     except OSError as exc:
         raise TlfxError(f"cannot create report directory {out!r}: {exc.strerror or exc}") from None
     from .report import clear_previous
