@@ -161,8 +161,12 @@ def test_gallery_opens_only_regular_files_under_the_dataset_root(tiny, tmp_path)
     from tlfx.report.figures import gallery_images
 
     tr, te, d = tiny
+    shutil.copytree(d / "data", tmp_path / "data")  # links and a FIFO go into a copy: the shared folder stays clean
+    root = str(tmp_path / "data" / "test")
+    moved = {"dataset": f"imagefolder:{tmp_path / 'data'}", "data_root": root}
+    te = rewrite(te, tmp_path / "te_copy.h5", moved)
     st = FeatureStore(te)
-    root = st.attrs["data_root"]
+    assert st.attrs["data_root"] == root
     outside = tmp_path / "outside.png"
     Image.new("RGB", (16, 16), (255, 0, 0)).save(outside)
     os.symlink(outside, os.path.join(root, "c0", "link_out.png"))

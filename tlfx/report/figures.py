@@ -273,14 +273,15 @@ def gallery_images(attrs: dict, ids: list[str], size: int = 96) -> list[tuple]:
     """
     from ..datasets import FileDataset, load_dataset
 
-    ds = None
+    ds, missing = None, "the dataset is not recorded in the store"
     if attrs.get("dataset"):
         try:
             split = attrs.get("split") or None
             ds = load_dataset(attrs["dataset"], split, root=attrs.get("data_root") or None,
                               limit=int(attrs.get("limit") or 0) or None)
+            missing = "not in the dataset any more"
         except Exception:
-            ds = None
+            ds, missing = None, "the dataset cannot be re-opened"
     pos = {str(i): n for n, i in enumerate(ds.ids)} if ds is not None else {}
     out = []
     for i in ids:
@@ -292,7 +293,7 @@ def gallery_images(attrs: dict, ids: list[str], size: int = 96) -> list[tuple]:
                 root = ds.root if i in pos else str(attrs["data_root"])
                 img = _open_image_bytes(read_under_root(root, i), size)
             else:
-                out.append((None, "not in the dataset any more"))
+                out.append((None, missing))
                 continue
             img.thumbnail((size, size))
             out.append((img, None))
