@@ -86,7 +86,8 @@ def test_compare_writes_html_json_md_with_every_row(report_run, digits_stores):
         with Image.open(out / f["file"]) as im:
             assert im.format == "PNG" and im.width > 300
     md = (out / "report.md").read_text()
-    assert "| pixels_grey/knn" not in md and "knn (baseline: pixels_grey)" in md and "## Learning curves" in md
+    # names are Markdown-escaped ('_' -> '\_'), so they render as written
+    assert "| pixels_grey/knn" not in md and "knn (baseline: pixels\\_grey)" in md and "## Learning curves" in md
     assert "Baseline: the images are greyscale" in md
     assert "the images are greyscale" in (out / "report.html").read_text()
     # the summary table on stdout and a progress display on stderr

@@ -24,9 +24,11 @@ from . import __version__
 from .errors import TlfxError
 from .models import FEATURE_CONFIG_KEYS as CONFIG_KEYS
 from .models import config_differences
+from .safetext import terminal
 from .store import FeatureStore
 
 DEFAULT_CURVE = "1,5,10,50,100,all"
+MAX_SEED = 2**32 - 1  # numpy's legacy seeding accepts no more
 
 
 # --------------------------------------------------------------------------------------------------- metrics
@@ -146,6 +148,11 @@ class Split:
         keep = np.flatnonzero(y >= 0)
         X = np.asarray(store.features, dtype=np.float32)
         ids = store.ids
+        if X.ndim != 2 or X.shape[0] != len(y) or len(ids) != len(y):
+            raise TlfxError(f"store {store.path!r} is inconsistent (features {X.shape}, {len(y)} labels, {len(ids)} ids); "
+                            f"extract it again")
+        if not np.isfinite(X[keep]).all():
+            raise TlfxError(f"store {store.path!r} holds NaN or infinite features; extract it again")
         return cls(store, X[keep], y[keep], [ids[i] for i in keep], keep)
 
     def describe(self) -> dict:
@@ -168,14 +175,59 @@ def open_pair(train: str, test: str, allow_incomplete: bool = False) -> tuple[Fe
     detail = config_differences(tr.config, te.config, CONFIG_KEYS, names=("", ""))
     if detail:
         raise TlfxError(f"train store {train!r} and test store {test!r} were made with different backbone "
-                        f"configurations ({detail}); extract both with the same --backbone/--layers/--pooling/--image-size")
+                        f"configurations ({terminal(detail)}); extract both with the same "
+                        f"--backbone/--layers/--pooling/--image-size")
     if tr.class_names != te.class_names:
         raise TlfxError(f"train store {train!r} and test store {test!r} have different class names "
                         f"({len(tr.class_names)} vs {len(te.class_names)} classes); extract both from the same dataset")
+    k = len(tr.class_names)
     for st, what in ((tr, "train"), (te, "test")):
-        if not (st.labels >= 0).any():
+        labels = st.labels
+        if not (labels >= 0).any():
             raise TlfxError(f"{what} store {st.path!r} has no labelled rows; compare needs labels on both splits")
+        if labels.max() >= k or labels.min() < -1:
+            bad = int(labels.max() if labels.max() >= k else labels.min())
+            raise TlfxError(f"{what} store {st.path!r} has label {bad} but {k} class names (labels run from 0 to "
+                            f"{k - 1}, -1 for unlabelled); extract it again")
+    present = np.unique(tr.labels[tr.labels >= 0])
+    if len(present) < 2:
+        raise TlfxError(f"train store {train!r} has only one class ({terminal(tr.class_names[present[0]])!r}) among "
+                        f"its labelled rows; a classifier needs at least 2 classes")
     return tr, te
+
+
+def training_overlap(tr: FeatureStore, te: FeatureStore) -> dict | None:
+    """How many labelled test rows are images the training store also holds (same store, or same dataset and ids).
+
+    Ids name the same image when both stores come from the same dataset spec and root (ids are relative to it),
+    or when the datasets' fingerprints are equal. Returns None when nothing overlaps.
+    """
+    te_ids = [i for i, lab in zip(te.ids, te.labels) if lab >= 0]
+    try:
+        same_file = os.path.samefile(tr.path, te.path)
+    except OSError:
+        same_file = False
+    a, b = tr.attrs, te.attrs
+    same_data = bool(a.get("dataset")) and (a.get("dataset"), a.get("data_root")) == (b.get("dataset"), b.get("data_root"))
+    same_data = same_data or (bool(a.get("dataset_fingerprint")) and a.get("dataset_fingerprint") == b.get("dataset_fingerprint"))
+    if same_file:
+        n = len(te_ids)
+    elif same_data:
+        train_ids = set(tr.ids)
+        n = sum(i in train_ids for i in te_ids)
+    else:
+        return None
+    if n == 0:
+        return None
+    if same_file or n == len(te_ids):
+        why = "the same store" if same_file else "the same images (every test id is a training id)"
+        message = (f"--train and --test are {why}: every number in this report is TRAINING accuracy, not accuracy "
+                   f"on unseen images; extract a separate test split")
+    else:
+        message = (f"{n} of {len(te_ids)} test images are also in the training store (same dataset, same ids): the "
+                   f"numbers overstate accuracy on unseen images; extract disjoint splits")
+    return {"kind": "test_images_in_training", "n_overlap": int(n), "n_test": len(te_ids), "same_store": same_file,
+            "banner": True, "message": message}
 
 
 # ------------------------------------------------------------------------------------------------- fitting
@@ -317,7 +369,7 @@ class Progress:
     def step(self, what: str):
         self.log.append(what)
         if self.bar is not None:
-            self.bar.set_description_str(what[:48].ljust(48))
+            self.bar.set_description_str(terminal(what)[:48].ljust(48))  # names from stores: no escapes sent
 
     def done(self, n: int = 1):
         if self.bar is not None:
@@ -360,6 +412,10 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
     engine = check_engine(engine)
     if n_boot < 0:
         raise TlfxError(f"--bootstrap must be 0 or more resamples, got {n_boot}")
+    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)) or not 0 <= seed <= MAX_SEED:
+        raise TlfxError(f"--seed must be an integer from 0 to {MAX_SEED}, got {seed!r}")
+    if gallery < 0:
+        raise TlfxError(f"--gallery must be 0 or more images, got {gallery}")
     if baseline:
         from .plugins import registry
 
@@ -372,10 +428,19 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
     if os.path.exists(out) and not os.path.isdir(out):
         raise TlfxError(f"--out {out!r} is a file; pass a directory for the report")
     tr_store, te_store = open_pair(train, test, allow_incomplete)
+    overlap = training_overlap(tr_store, te_store)
+    if overlap:
+        print(f"warning: {terminal(overlap['message'])}", file=sys.stderr, flush=True)
+    models_dir = os.path.join(out, "models")
     try:
-        os.makedirs(os.path.join(out, "models"), exist_ok=True)
+        if os.path.islink(models_dir):
+            os.unlink(models_dir)  # a planted link would send the model files elsewhere: replace it by a folder
+        os.makedirs(models_dir, exist_ok=True)
     except OSError as exc:
         raise TlfxError(f"cannot create report directory {out!r}: {exc.strerror or exc}") from None
+    from .report import clear_previous
+
+    clear_previous(out)  # the input is fine: from here on no report file of an earlier run sits beside new results
 
     class_names = tr_store.class_names
     k = len(class_names)
@@ -425,6 +490,7 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
             "timing": {"pareto_front": pareto},
             "environment": {"python": platform.python_version(), "platform": platform.platform(),
                             "cpu_count": os.cpu_count()},
+            "warnings": [overlap] if overlap else [],
         }
         prog.step("misclassified gallery")
         test_split = feature_sets[0][3] if best["features"] != "baseline" else feature_sets[1][3]
@@ -584,7 +650,7 @@ def _model_row(path: str, te_store: FeatureStore, k: int, n_boot: int, seed: int
     """A row for a saved model file (fine-tune, or any tlfx model) scored on the test store's rows."""
     from .models import load_model
 
-    prog.step(f"model {os.path.basename(path)}")
+    prog.step(f"model {terminal(os.path.basename(path))}")
     model = load_model(path, trust=trust)
     if model.class_names and model.class_names != te_store.class_names:
         raise TlfxError(f"model {path!r} was trained on other classes than the test store {te_store.path!r}; "
@@ -601,8 +667,10 @@ def _model_row(path: str, te_store: FeatureStore, k: int, n_boot: int, seed: int
     pred = proba.argmax(1).astype(np.int64)[keep]
     y = labels[keep]
     meta = model.meta
-    name = meta.get("name") or os.path.splitext(os.path.basename(path))[0]
+    name = str(meta.get("name") or os.path.splitext(os.path.basename(path))[0])
     fit_s = meta.get("train_seconds")
+    if isinstance(fit_s, bool) or not isinstance(fit_s, (int, float)) or not np.isfinite(fit_s) or fit_s < 0:
+        fit_s = None  # a model file's own claim: only a plain non-negative number is used as a fit time
     row = {
         "id": f"model/{name}",
         "label": name if model.kind in name else f"{name} ({model.kind})",

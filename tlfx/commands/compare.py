@@ -3,6 +3,7 @@ import sys
 import click
 
 from ..engines import search_engine_options
+from ..safetext import terminal
 
 
 @click.command()
@@ -19,9 +20,11 @@ from ..engines import search_engine_options
               help="A fine-tuned (or any tlfx) model file to add as a row; repeatable.")
 @click.option("--learning-curve", default="1,5,10,50,100,all", show_default=True, metavar="K,K,...|none",
               help="Labelled examples per class for the learning curves.")
-@click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True, help="Bootstrap resamples for the CIs.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (same seed, same numbers).")
-@click.option("--gallery", type=int, default=24, show_default=True, help="Misclassified test images to show.")
+@click.option("--bootstrap", "n_boot", type=click.IntRange(min=0), default=1000, show_default=True,
+              help="Bootstrap resamples for the CIs.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True,
+              help="Seed of every random choice (same seed, same numbers).")
+@click.option("--gallery", type=click.IntRange(min=0), default=24, show_default=True, help="Misclassified test images to show.")
 @click.option("--allow-incomplete", is_flag=True, help="Accept stores whose extraction has not finished.")
 @click.option("--trust", is_flag=True, help="Allow --finetune model files that need unpickling (only files you made).")
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for report.html/.json/.md.")
@@ -49,13 +52,16 @@ def compare(train, test, heads, search, folds, baseline, finetune, learning_curv
               seed=seed, gallery=gallery, progress=not quiet, trust=trust, engine=engine, address=address,
               argv=_argv())
     best = next(r for r in rep["rows"] if r["id"] == rep["best"])
-    width = max(len(r["label"]) for r in rep["rows"])
+    labels = {r["id"]: terminal(r["label"]) for r in rep["rows"]}  # model names come from other people's files
+    width = max(len(v) for v in labels.values())
     click.echo(f"{'row':<{width}}  accuracy  macro-F1  fit time")
     for r in rep["rows"]:
         fit = r["timing"].get("fit_seconds")
-        click.echo(f"{r['label']:<{width}}  {r['accuracy']:8.3f}  {r['macro_f1']:8.3f}  "
+        click.echo(f"{labels[r['id']]:<{width}}  {r['accuracy']:8.3f}  {r['macro_f1']:8.3f}  "
                    f"{'-' if fit is None else f'{fit:7.2f} s'}")
-    click.echo(f"best: {best['label']} (accuracy {best['accuracy']:.3f}); report: {out}/report.html")
+    for w in rep.get("warnings") or []:
+        click.echo(f"warning: {terminal(w['message'])}", err=True)
+    click.echo(f"best: {labels[best['id']]} (accuracy {best['accuracy']:.3f}); report: {terminal(out)}/report.html")
 
 
 def _argv():

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import base64
 import json
-from html import escape
+
+from ..safetext import html as e
 
 CSS = """
 body{font-family:-apple-system,"Segoe UI",Roboto,"DejaVu Sans",Helvetica,Arial,sans-serif;color:#1d2430;margin:0;
@@ -29,11 +30,17 @@ figure{margin:18px 0 26px}figure img{max-width:100%;max-height:900px;height:auto
 figcaption{color:#5b6573;font-size:13px;margin-top:6px}
 pre{background:#f6f8fa;padding:12px;border-radius:6px;overflow:auto;font-size:12px}
 .note{color:#5b6573;font-size:13px}
+.banner{background:#fdecea;border:2px solid #c62828;color:#8e1c1c;border-radius:6px;padding:10px 14px;
+margin:0 0 16px;font-size:15px}
 """
 
 
+def _is_num(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and v == v
+
+
 def _fmt_s(s):
-    if s is None:
+    if not _is_num(s):
         return "–"
     if s < 1:
         return f"{s * 1000:.0f} ms"
@@ -43,7 +50,7 @@ def _fmt_s(s):
 
 
 def _fmt_bytes(n):
-    if n is None:
+    if not _is_num(n):
         return "–"
     for unit in ("B", "KB", "MB", "GB"):
         if n < 1024 or unit == "GB":
@@ -53,17 +60,27 @@ def _fmt_bytes(n):
 
 def _ci(v):
     lo, hi = v
-    return "" if lo is None else f'<span class="ci">[{lo:.3f}, {hi:.3f}]</span>'
+    return "" if lo is None else f'<span class="ci">[{_num(lo)}, {_num(hi)}]</span>'
 
 
 def _num(v, empty="–"):
-    return empty if v is None else f"{v:.3f}"
+    """A number with 3 decimals; anything else (a foreign value where a number belongs) as escaped text."""
+    if v is None:
+        return empty
+    return f"{v:.3f}" if _is_num(v) else e(v)
 
 
 def _params(p):
     if not p:
         return "defaults"
-    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(p.items()))
+    if not isinstance(p, dict):
+        return str(p)
+    return ", ".join(f"{k}={json.dumps(v) if not isinstance(v, str) else v}" for k, v in sorted(p.items(), key=str))
+
+
+def _pre(text: str) -> str:
+    """Multi-line text for a ``<pre>`` block: each line escaped, the line breaks kept."""
+    return "\n".join(e(line) for line in str(text).split("\n"))
 
 
 def data_uri(path: str) -> str:
@@ -71,7 +88,13 @@ def data_uri(path: str) -> str:
         return "data:image/png;base64," + base64.b64encode(f.read()).decode("ascii")
 
 
+def banner(report: dict) -> list[str]:
+    """Warnings that change how every number in the report must be read (e.g. test images seen in training)."""
+    return [w["message"] for w in report.get("warnings") or [] if w.get("banner")]
+
+
 def render_html(report: dict, figures: dict) -> str:
+    """The page. Every value that comes from a store, a model file or the command line goes through ``e``."""
     rows = report["rows"]
     cfg = report["config"]
     data = report["data"]
@@ -83,34 +106,37 @@ def render_html(report: dict, figures: dict) -> str:
     w = h.append
     w("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">")
     w("<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">")
-    w(f"<title>tlfx compare: {escape(str(data['train'].get('dataset')))}</title><style>{CSS}</style></head><body><main>")
-    w(f"<h1>tlfx compare — {escape(str(data['train'].get('dataset')))}</h1>")
-    w(f"<p class=\"sub\">Backbone <b>{escape(str(bc.get('backbone')))}</b> ({escape(', '.join(map(str, layers)))}; "
-      f"{escape(str(bc.get('pooling')))} pooling; {bc.get('image_size')} px; weights "
-      f"{escape(str((bc.get('weights') or {}).get('name')))}) · {len(data['class_names'])} classes · "
-      f"train {data['train']['n_labelled']} images ({escape(str(data['train'].get('split')))}), "
-      f"test {data['test']['n_labelled']} images ({escape(str(data['test'].get('split')))}) · tlfx {report['tlfx_version']}</p>")
+    w(f"<title>tlfx compare: {e(data['train'].get('dataset'))}</title><style>{CSS}</style></head><body><main>")
+    for message in banner(report):
+        w(f"<div class=\"banner\" role=\"alert\"><b>Warning:</b> {e(message)}</div>")
+    w(f"<h1>tlfx compare — {e(data['train'].get('dataset'))}</h1>")
+    w(f"<p class=\"sub\">Backbone <b>{e(bc.get('backbone'))}</b> ({e(', '.join(map(str, layers)))}; "
+      f"{e(bc.get('pooling'))} pooling; {e(bc.get('image_size'))} px; weights "
+      f"{e((bc.get('weights') or {}).get('name') if isinstance(bc.get('weights'), dict) else bc.get('weights'))}) · "
+      f"{len(data['class_names'])} classes · "
+      f"train {e(data['train']['n_labelled'])} images ({e(data['train'].get('split'))}), "
+      f"test {e(data['test']['n_labelled'])} images ({e(data['test'].get('split'))}) · tlfx {e(report['tlfx_version'])}</p>")
     base_rows = [r for r in rows if r["features"] == "baseline"]
     best_base = max(base_rows, key=lambda r: r["accuracy"]) if base_rows else None
     main_rows = [r for r in rows if r["features"] != "baseline"]
     best_main = max(main_rows, key=lambda r: r["accuracy"]) if main_rows else None
     w("<div class=\"cards\">")
-    w(f"<div class=\"card\"><span>best row</span><b>{escape(best['label'])}</b><span>accuracy {best['accuracy']:.3f} "
+    w(f"<div class=\"card\"><span>best row</span><b>{e(best['label'])}</b><span>accuracy {_num(best['accuracy'])} "
       f"{_ci(best['accuracy_ci95'])}</span></div>")
-    w(f"<div class=\"card\"><span>macro-F1 of the best row</span><b>{best['macro_f1']:.3f}</b>"
+    w(f"<div class=\"card\"><span>macro-F1 of the best row</span><b>{_num(best['macro_f1'])}</b>"
       f"<span>{_ci(best['macro_f1_ci95'])}</span></div>")
     if best_base and best_main:
         gain = best_main["accuracy"] - best_base["accuracy"]
-        w(f"<div class=\"card\"><span>best baseline ({escape(best_base['label'])})</span><b>{best_base['accuracy']:.3f}</b>"
-          f"<span>best transfer row ({escape(best_main['label'])}) {gain * 100:+.1f} points</span></div>")
+        w(f"<div class=\"card\"><span>best baseline ({e(best_base['label'])})</span><b>{_num(best_base['accuracy'])}</b>"
+          f"<span>best transfer row ({e(best_main['label'])}) {gain * 100:+.1f} points</span></div>")
     w(f"<div class=\"card\"><span>fit time of the best row</span><b>{_fmt_s(best['timing'].get('fit_seconds'))}</b>"
       f"<span>report made in {_fmt_s(report['timing'].get('total_seconds'))}</span></div>")
     w("</div>")
 
     w("<h2 id=\"results\">Results</h2>")
     w("<p class=\"note\">Accuracy and macro-F1 on the test store with 95% bootstrap confidence intervals "
-      f"({cfg['bootstrap_resamples']} resamples, seed {cfg['seed']}). "
-      + ("Hyperparameters chosen by " + str(cfg["cv_folds"]) + "-fold cross-validation on the training store only. "
+      f"({e(cfg['bootstrap_resamples'])} resamples, seed {e(cfg['seed'])}). "
+      + ("Hyperparameters chosen by " + e(cfg["cv_folds"]) + "-fold cross-validation on the training store only. "
          if cfg["search"] else "Default hyperparameters (no --search). ")
       + "Fit time is wall-clock on this machine; prediction time per 1,000 images excludes feature extraction for "
         "heads; size is the saved model file.</p>")
@@ -118,27 +144,7 @@ def render_html(report: dict, figures: dict) -> str:
       "<th class=\"l\">parameters</th><th>accuracy</th><th>macro-F1</th><th>CV acc.</th><th>fit time</th>"
       "<th>predict / 1k</th><th>size</th></tr></thead><tbody>")
     for r in rows:
-        cls = ["result-row"]
-        if r["id"] == report["best"]:
-            cls.append("best")
-        if r["features"] == "baseline":
-            cls.append("baseline")
-        tags = ""
-        if r["id"] == report["best"]:
-            tags += "<span class=\"tag best\">best</span>"
-        if r["id"] in front:
-            tags += "<span class=\"tag pareto\">Pareto</span>"
-        if r["features"] == "baseline":
-            tags += "<span class=\"tag base\">baseline</span>"
-        cv = r.get("cv") or {}
-        t = r["timing"]
-        full = escape(_params(r.get("effective_params") or {}))
-        w(f"<tr class=\"{' '.join(cls)}\" data-row=\"{escape(r['id'])}\"><td class=\"l\">{escape(r['label'])}{tags}</td>"
-          f"<td class=\"l feat\">{escape(r['feature_label'])}</td><td class=\"l params\" title=\"{full}\">"
-          f"{escape(_params(r['params']))}</td>"
-          f"<td>{r['accuracy']:.3f} {_ci(r['accuracy_ci95'])}</td><td>{r['macro_f1']:.3f} {_ci(r['macro_f1_ci95'])}</td>"
-          f"<td>{_num(cv.get('accuracy'), '')}</td><td>{_fmt_s(t.get('fit_seconds'))}</td>"
-          f"<td>{_fmt_s(t.get('predict_seconds_per_1000'))}</td><td>{_fmt_bytes(r.get('size_bytes'))}</td></tr>")
+        w(_result_row(r, report["best"], front))
     w("</tbody></table></div>")
 
     curves = report.get("learning_curves", {}).get("curves") or []
@@ -151,41 +157,77 @@ def render_html(report: dict, figures: dict) -> str:
         pts.sort(key=lambda p: (p == "all", p if p != "all" else 0))
         w("<h2 id=\"curves\">Learning curves</h2>")
         w("<table id=\"curves-table\"><thead><tr><th class=\"l\">head</th><th class=\"l\">features</th>"
-          + "".join(f"<th>{p}/class</th>" if p != "all" else "<th>all</th>" for p in pts) + "</tr></thead><tbody>")
+          + "".join(f"<th>{e(p)}/class</th>" if p != "all" else "<th>all</th>" for p in pts) + "</tr></thead><tbody>")
         for c in curves:
             vals = dict(zip(c["per_class"], c["accuracy"]))
             cells = "".join(f"<td>{_num(vals.get(p))}</td>" for p in pts)
-            w(f"<tr class=\"curve-row\"><td class=\"l\">{escape(c['head'])}</td><td class=\"l\">"
-              f"{escape(c['feature_label'])}</td>{cells}</tr>")
+            w(f"<tr class=\"curve-row\"><td class=\"l\">{e(c['head'])}</td><td class=\"l\">"
+              f"{e(c['feature_label'])}</td>{cells}</tr>")
         w("</tbody></table>")
 
     w("<h2 id=\"figures\">Figures</h2>")
     for name, f in figures.items():
-        w(f"<figure id=\"fig-{name}\"><img class=\"figure\" data-figure=\"{name}\" alt=\"{escape(f['title'])}\" "
-          f"src=\"{data_uri(f['path'])}\"><figcaption><b>{escape(f['title'])}.</b> {escape(f['caption'])}</figcaption></figure>")
+        w(f"<figure id=\"fig-{e(name)}\"><img class=\"figure\" data-figure=\"{e(name)}\" alt=\"{e(f['title'])}\" "
+          f"src=\"{data_uri(f['path'])}\"><figcaption><b>{e(f['title'])}.</b> {e(f['caption'])}</figcaption></figure>")
+        if name == "misclassified":
+            w(_hidden_gallery_items(report.get("gallery") or []))
 
     w("<h2 id=\"data\">Data</h2><table><thead><tr><th class=\"l\">split</th><th class=\"l\">store</th><th>rows</th>"
       "<th>dim</th><th>skipped</th><th class=\"l\">dataset</th></tr></thead><tbody>")
     for what in ("train", "test"):
         d = data[what]
-        w(f"<tr><td class=\"l\">{what}</td><td class=\"l\">{escape(d['path'])}</td><td>{d['n_labelled']}</td>"
-          f"<td>{d['dim']}</td><td>{d['n_skipped']}</td><td class=\"l\">{escape(str(d['dataset']))} "
-          f"({escape(str(d['split']))}{', limit ' + str(d['limit']) if d['limit'] else ''})</td></tr>")
+        w(f"<tr><td class=\"l\">{what}</td><td class=\"l\">{e(d['path'])}</td><td>{e(d['n_labelled'])}</td>"
+          f"<td>{e(d['dim'])}</td><td>{e(d['n_skipped'])}</td><td class=\"l\">{e(d['dataset'])} "
+          f"({e(d['split'])}{', limit ' + e(d['limit']) if d['limit'] else ''})</td></tr>")
     if report.get("baseline"):
         b = report["baseline"]
         for what in ("train", "test"):
-            w(f"<tr><td class=\"l\">{what} (baseline {escape(b['backbone'])})</td><td class=\"l\">{escape(b[what])}</td>"
+            w(f"<tr><td class=\"l\">{what} (baseline {e(b['backbone'])})</td><td class=\"l\">{e(b[what])}</td>"
               f"<td></td><td></td><td></td><td class=\"l\">same images, re-extracted</td></tr>")
     w("</tbody></table>")
     if (report.get("baseline") or {}).get("note"):
-        w(f"<p class=\"note\">Baseline: {escape(report['baseline']['note'])}.</p>")
+        w(f"<p class=\"note\">Baseline: {e(report['baseline']['note'])}.</p>")
     w("<h2 id=\"config\">Configuration</h2>")
     if report.get("command"):
-        w(f"<pre>tlfx {escape(' '.join(map(str, report['command'])))}</pre>")
+        w(f"<pre>tlfx {e(' '.join(map(str, report['command'])))}</pre>")
     from . import dumps
 
-    w(f"<pre>{escape(dumps(cfg))}</pre>")
-    w(f"<p class=\"note\">Every number above is in report.json. Environment: Python {report['environment']['python']}, "
-      f"{escape(report['environment']['platform'])}, {report['environment']['cpu_count']} CPUs.</p>")
+    w(f"<pre>{_pre(dumps(cfg))}</pre>")
+    env = report["environment"]
+    w(f"<p class=\"note\">Every number above is in report.json. Environment: Python {e(env['python'])}, "
+      f"{e(env['platform'])}, {e(env['cpu_count'])} CPUs.</p>")
     w("</main></body></html>\n")
     return "\n".join(h)
+
+
+def _result_row(r: dict, best_id: str, front: set) -> str:
+    """One ``<tr>`` of the results table."""
+    cls = ["result-row"]
+    tags = ""
+    if r["id"] == best_id:
+        cls.append("best")
+        tags += "<span class=\"tag best\">best</span>"
+    if r["id"] in front:
+        tags += "<span class=\"tag pareto\">Pareto</span>"
+    if r["features"] == "baseline":
+        cls.append("baseline")
+        tags += "<span class=\"tag base\">baseline</span>"
+    cv = r.get("cv") or {}
+    t = r["timing"]
+    full = e(_params(r.get("effective_params") or {}))
+    return (f"<tr class=\"{' '.join(cls)}\" data-row=\"{e(r['id'])}\"><td class=\"l\">{e(r['label'])}{tags}</td>"
+            f"<td class=\"l feat\">{e(r['feature_label'])}</td><td class=\"l params\" title=\"{full}\">"
+            f"{e(_params(r['params']))}</td>"
+            f"<td>{_num(r['accuracy'])} {_ci(r['accuracy_ci95'])}</td><td>{_num(r['macro_f1'])} {_ci(r['macro_f1_ci95'])}</td>"
+            f"<td>{_num(cv.get('accuracy'), '')}</td><td>{_fmt_s(t.get('fit_seconds'))}</td>"
+            f"<td>{_fmt_s(t.get('predict_seconds_per_1000'))}</td><td>{_fmt_bytes(r.get('size_bytes'))}</td></tr>")
+
+
+def _hidden_gallery_items(items: list) -> str:
+    """The misclassified test images the gallery could not show, each with its id and the reason."""
+    hidden = [it for it in items if it.get("reason")]
+    if not hidden:
+        return ""
+    lis = "".join(f"<li><code>{e(it['id'])}</code>: {e(it['reason'])}</li>" for it in hidden[:50])
+    more = f"<li>… and {len(hidden) - 50} more</li>" if len(hidden) > 50 else ""
+    return f"<p class=\"note\">Not shown in the gallery:</p><ul class=\"note hidden-images\">{lis}{more}</ul>"
