@@ -207,14 +207,25 @@ def _sync_hf_constants(offline_now: bool):
 @contextlib.contextmanager
 def hf_network(allowed: bool):
     """Run a huggingface_hub download (e.g. ``timm.create_model(pretrained=True)``) with the network on or off."""
+    import logging
+
     from huggingface_hub import constants
+    from huggingface_hub.utils import are_progress_bars_disabled, disable_progress_bars, enable_progress_bars
 
     saved = constants.HF_HUB_OFFLINE
+    log = logging.getLogger("huggingface_hub")
+    level, bars_off = log.level, are_progress_bars_disabled()
     _sync_hf_constants(not allowed)
+    log.setLevel(logging.ERROR)  # its per-retry warnings would bury tlfx's one line
+    if not sys.stderr.isatty():
+        disable_progress_bars()  # a progress bar on a terminal only
     try:
         yield
     finally:
         constants.HF_HUB_OFFLINE = saved
+        log.setLevel(level)
+        if not bars_off:
+            enable_progress_bars()
 
 
 def hf_endpoint() -> str:
