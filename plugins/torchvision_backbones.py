@@ -141,11 +141,21 @@ def _any_factory(weights=None, model=None, **options):
     return build(model, weights)
 
 
+def weights_meta(arch: str, url: str | None = None, name: str | None = None) -> dict:
+    """The registry entries that let ``tlfx backbones`` and ``tlfx weights import`` handle a torchvision backbone's
+    default weights (``url``: a plugin's own checkpoint instead of torchvision's default)."""
+    from tlfx.weights import import_torch_hub_file
+
+    return {
+        "weights_available": lambda: (lambda st: (st["status"] == "cached", st["where"]))(weights_status(arch, url)),
+        "weights_status": lambda: weights_status(arch, url),
+        "import_weights": lambda file: import_torch_hub_file(url or default_weights(arch).url, name or arch, file),
+    }
+
+
 @tlfx.hookimpl
 def register_backbones(register):
     for arch, desc in ARCHS.items():
-        register(arch, _factory(arch), description=f"torchvision {desc}",
-                 weights_available=(lambda a=arch: weights_available(a)),
-                 weights_status=(lambda a=arch: weights_status(a)))
+        register(arch, _factory(arch), description=f"torchvision {desc}", **weights_meta(arch))
     register("torchvision", _any_factory, description="any torchvision classification model: torchvision:<name>",
              takes_argument=True)

@@ -111,12 +111,13 @@ def write_plugin(tmp_path, file_name: str):
     d.mkdir()
     (d / "tiny_tv.py").write_text(
         "import tlfx\n"
-        "from plugins.torchvision_backbones import build\n\n"
+        "from plugins.torchvision_backbones import build, weights_meta\n\n"
         f"URL = 'https://download.pytorch.org/models/{file_name}'\n\n\n"
         "@tlfx.hookimpl\n"
         "def register_backbones(register):\n"
         "    register('tiny_tv', lambda weights=None, **o: build('mobilenet_v3_small', weights, url=URL),\n"
-        "             description='test: MobileNetV3-Small with a test checkpoint')\n")
+        "             description='test: MobileNetV3-Small with a test checkpoint',\n"
+        "             **weights_meta('mobilenet_v3_small', URL, 'tiny_tv'))\n")
     return d
 
 

@@ -127,11 +127,13 @@ def import_weights(name: str, file: str) -> str:
             raise TlfxError(f"timm has no pretrained weights on the hub for {model!r}; use --weights PATH instead")
         _check_loads(file)
         return import_hf_file(hub_id, file)
-    arch = extra["model"] if base == "torchvision" else name
-    if base == "torchvision" or registry("backbone").get(name).plugin == "torchvision_backbones":
+    if base == "torchvision" and extra:
         from plugins.torchvision_backbones import default_weights
 
-        return import_torch_hub_file(default_weights(arch).url, name, file)
+        return import_torch_hub_file(default_weights(extra["model"]).url, name, file)
+    place = registry("backbone").get(name).meta.get("import_weights")
+    if place is not None:
+        return place(file)
     raise TlfxError(f"tlfx cannot place weights for {name!r} (its plugin keeps its own); pass --weights {file} "
                     f"to the command instead")
 
