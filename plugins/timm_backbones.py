@@ -26,7 +26,12 @@ def backbone_from_timm(model, name: str, info: WeightsInfo, mean=None, std=None)
     modules = dict(model.named_modules())
     if classifier not in modules or not isinstance(modules.get(classifier), torch.nn.Linear):
         classifier = None
-    return Backbone(name=name, module=model, preprocess=pre, weights=info, stages=stages, classifier=classifier)
+    # penultimate = the input of the classifier = the model's own pre-logits (forward_head(pre_logits=True)): the
+    # class token or the mean of patch tokens for a transformer, as its head does; pooled features for a CNN.
+    # --layers on transformer blocks pools their patch tokens, after num_prefix_tokens class/register tokens.
+    extra = {"prefix_tokens": int(getattr(model, "num_prefix_tokens", 0) or 0)}
+    return Backbone(name=name, module=model, preprocess=pre, weights=info, stages=stages, classifier=classifier,
+                    extra=extra)
 
 
 def pretrained_hub_id(model_name: str) -> str | None:

@@ -98,7 +98,8 @@ class FeatureExtractor(nn.Module):
             t = t[0]
         if t.dim() == 4:
             return t.amax((2, 3)) if self.pooling == "max" else t.mean((2, 3))
-        if t.dim() == 3:  # tokens (ViT-like): pool over tokens
+        if t.dim() == 3:  # tokens (ViT-like): pool the patch tokens, after the class/register tokens
+            t = t[:, self.backbone.extra.get("prefix_tokens", 0):]
             return t.amax(1) if self.pooling == "max" else t.mean(1)
         return t.flatten(1)
 
