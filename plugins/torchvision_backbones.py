@@ -1,4 +1,5 @@
-"""torchvision backbones, loaded through torchvision's own weights API (torch hub cache) or ``--weights PATH``."""
+"""torchvision backbones: weights through torchvision's own weights API (torch hub cache, downloaded on first use) or
+``--weights PATH``."""
 
 from __future__ import annotations
 
@@ -35,19 +36,33 @@ def default_weights(arch: str):
         raise TlfxError(f"torchvision has no model {arch!r}; see torchvision.models.list_models()") from None
 
 
-def hub_checkpoint_path(arch: str) -> str:
-    """Where torchvision's weights API looks for (and would download) the default weights of ``arch``."""
-    import torch
+def hub_checkpoint_path(arch: str, url: str | None = None) -> str:
+    """Where torchvision's weights API looks for (and downloads) the default weights of ``arch``."""
+    from tlfx.weights import torch_cached_path
 
-    url = default_weights(arch).url
-    return os.path.join(torch.hub.get_dir(), "checkpoints", os.path.basename(url))
+    return torch_cached_path(url or default_weights(arch).url)
+
+
+def weights_status(arch: str, url: str | None = None) -> dict:
+    """cached (with its path and size) or downloadable (with the file's size torchvision records), or missing
+    when offline."""
+    from tlfx.weights import is_offline, mirrored_url
+
+    meta = default_weights(arch)
+    path = hub_checkpoint_path(arch, url)
+    if os.path.isfile(path):
+        return {"status": "cached", "size": os.path.getsize(path), "where": path}
+    mb = meta.meta.get("_file_size")
+    size = int(mb * 1024 * 1024) if mb and not url else None
+    if is_offline():
+        return {"status": "missing", "size": size,
+                "where": f"offline: place {os.path.basename(path)} in {os.path.dirname(path)}"}
+    return {"status": "downloadable", "size": size, "where": mirrored_url(url or meta.url)}
 
 
 def weights_available(arch: str):
-    path = hub_checkpoint_path(arch)
-    if os.path.isfile(path):
-        return True, path
-    return False, f"place {os.path.basename(path)} in {os.path.dirname(path)} (or pass --weights PATH)"
+    st = weights_status(arch)
+    return st["status"] == "cached", st["where"]
 
 
 def preprocess_from_weights(weights) -> Preprocess:
@@ -85,26 +100,26 @@ def last_linear(model) -> str:
     return [name for name, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
 
 
-def build(arch: str, weights: str | None = None):
+def build(arch: str, weights: str | None = None, url: str | None = None):
+    """A torchvision backbone. ``weights``: None (the default pretrained weights: hub cache, else downloaded on first
+    use), "none" (random init) or a local file. ``url`` replaces the default weights' URL (a plugin registering its
+    own checkpoint; torchvision's file-name convention ``name-<sha256 prefix>.pth`` gives the hash to check)."""
     import torchvision
 
     from tlfx.backbone import Backbone, apply_state_dict, load_state_dict_file
+    from tlfx.weights import load_torch_hub_state_dict
 
     meta = default_weights(arch)
+    model = torchvision.models.get_model(arch, weights=None)
     if weights == "none":
-        model = torchvision.models.get_model(arch, weights=None)
         info = WeightsInfo("random-init")
     elif weights:
-        model = torchvision.models.get_model(arch, weights=None)
         apply_state_dict(model, load_state_dict_file(weights), weights)
         info = WeightsInfo(os.path.basename(weights), file_sha256(weights), os.path.abspath(weights))
     else:
-        ok, where = weights_available(arch)
-        if not ok:
-            raise TlfxError(f"pretrained weights for {arch!r} are not available offline: {where}")
-        model = torchvision.models.get_model(arch, weights=meta)
-        path = hub_checkpoint_path(arch)
-        info = WeightsInfo(str(meta), file_sha256(path), path)
+        sd, path = load_torch_hub_state_dict(url or meta.url, arch)
+        apply_state_dict(model, sd, path)
+        info = WeightsInfo(str(meta) if not url else os.path.basename(path), file_sha256(path), path)
     return Backbone(
         name=arch,
         module=model,
@@ -126,10 +141,21 @@ def _any_factory(weights=None, model=None, **options):
     return build(model, weights)
 
 
+def weights_meta(arch: str, url: str | None = None, name: str | None = None) -> dict:
+    """The registry entries that let ``tlfx backbones`` and ``tlfx weights import`` handle a torchvision backbone's
+    default weights (``url``: a plugin's own checkpoint instead of torchvision's default)."""
+    from tlfx.weights import import_torch_hub_file
+
+    return {
+        "weights_available": lambda: (lambda st: (st["status"] == "cached", st["where"]))(weights_status(arch, url)),
+        "weights_status": lambda: weights_status(arch, url),
+        "import_weights": lambda file: import_torch_hub_file(url or default_weights(arch).url, name or arch, file),
+    }
+
+
 @tlfx.hookimpl
 def register_backbones(register):
     for arch, desc in ARCHS.items():
-        register(arch, _factory(arch), description=f"torchvision {desc}",
-                 weights_available=(lambda a=arch: weights_available(a)))
+        register(arch, _factory(arch), description=f"torchvision {desc}", **weights_meta(arch))
     register("torchvision", _any_factory, description="any torchvision classification model: torchvision:<name>",
              takes_argument=True)

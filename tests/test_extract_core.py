@@ -133,7 +133,7 @@ def test_csv_dataset_with_splits(fashion_png_dir, tmp_path):
 
 def test_torchvision_offline_message_names_file_and_directory(tmp_path):
     p = run_cli("extract", "--backbone", "vgg16", "--data", "digits", "--out", tmp_path / "v.h5",
-                env={"TORCH_HOME": str(tmp_path / "torch")})
+                env={"TORCH_HOME": str(tmp_path / "torch"), "TLFX_OFFLINE": "1"})
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
     assert len(lines) == 1 and "Traceback" not in p.stderr
@@ -214,7 +214,7 @@ def test_torchvision_stages_cover_every_listed_architecture():
 
 
 def test_tlfx_lists(tmp_path):
-    p = run_cli("backbones")
+    p = run_cli("backbones", env={"TLFX_OFFLINE": "1"})
     assert p.returncode == 0 and "efficientnet_lite0" in p.stdout and "offline" in p.stdout
     assert "vgg16" in p.stdout and "missing" in p.stdout
     assert "fashion-mnist" in run_cli("datasets").stdout

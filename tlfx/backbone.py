@@ -98,7 +98,8 @@ class FeatureExtractor(nn.Module):
             t = t[0]
         if t.dim() == 4:
             return t.amax((2, 3)) if self.pooling == "max" else t.mean((2, 3))
-        if t.dim() == 3:  # tokens (ViT-like): pool over tokens
+        if t.dim() == 3:  # tokens (ViT-like): pool the patch tokens, after the class/register tokens
+            t = t[:, self.backbone.extra.get("prefix_tokens", 0):]
             return t.amax(1) if self.pooling == "max" else t.mean(1)
         return t.flatten(1)
 
@@ -121,8 +122,16 @@ def list_backbones() -> list[str]:
     return registry("backbone").names()
 
 
-def create_backbone(name: str, weights: str | None = None, **options) -> Backbone:
-    """Build a registered backbone, frozen and in eval mode. ``weights``: a state-dict path, or "none"."""
+def create_backbone(name: str, weights: str | None = None, offline: bool = False, **options) -> Backbone:
+    """Build a registered backbone, frozen and in eval mode. ``weights``: a state-dict path, or "none".
+
+    ``offline=True`` forbids any weights download (as ``TLFX_OFFLINE=1`` does): cached weights or one error line.
+    """
+    if offline:
+        from .weights import offline as no_network
+
+        with no_network():
+            return create_backbone(name, weights, **options)
     if weights not in (None, "none") and not os.path.isfile(weights):
         raise TlfxError(f"weights file {weights!r} does not exist; pass the path of a saved state dict")
     reg = registry("backbone")
@@ -150,31 +159,101 @@ def resolve_backbone_name(name: str) -> tuple[str, dict]:
     return name, {}
 
 
+TRUST_ENV = "TLFX_TRUST_PICKLE"
+_PREFIXES = ("module.", "model.", "_orig_mod.")  # DataParallel/DDP, Lightning, torch.compile
+
+
 def load_state_dict_file(path: str) -> dict:
-    """Load a state dict safely (tensors only, no code) from .pth/.pt or .safetensors."""
+    """Load a state dict without running code: a torch state dict, a Lightning/trainer checkpoint (its
+    ``state_dict``), or safetensors (told by content, not by name). A whole pickled module only when the user says
+    they trust the file (``TLFX_TRUST_PICKLE=1``)."""
+    if not os.path.isfile(path):
+        raise TlfxError(f"weights file {path!r} is not a regular file; pass the path of a saved state dict")
+    from .weights import _is_safetensors
+
     try:
-        if path.endswith(".safetensors"):
+        if _is_safetensors(path):
             from safetensors.torch import load_file
 
             sd = load_file(path)
         else:
-            sd = torch.load(path, map_location="cpu", weights_only=True)
+            sd = _torch_load(path)
+    except TlfxError:
+        raise
     except Exception as exc:
-        raise TlfxError(f"cannot read weights file {path!r} ({type(exc).__name__}); pass a torch state dict") from None
-    if isinstance(sd, dict) and "state_dict" in sd and isinstance(sd["state_dict"], dict):
-        sd = sd["state_dict"]
-    if not isinstance(sd, dict):
-        raise TlfxError(f"weights file {path!r} does not hold a state dict; save one with torch.save(model.state_dict())")
+        raise TlfxError(f"cannot read weights file {path!r} ({type(exc).__name__}); pass a torch state dict, a "
+                        f"Lightning checkpoint or a .safetensors file") from None
+    sd = _unwrap_checkpoint(sd)
+    if not isinstance(sd, dict) or not sd or not all(isinstance(v, torch.Tensor) for v in sd.values()):
+        raise TlfxError(f"weights file {path!r} does not hold a state dict (names -> tensors); save one with "
+                        f"torch.save(model.state_dict())")
     return sd
 
 
-def apply_state_dict(module: nn.Module, sd: dict, source: str):
+def _torch_load(path: str):
+    import pickle
+
     try:
-        module.load_state_dict(sd)
-    except RuntimeError as exc:
-        first = str(exc).strip().splitlines()
-        msg = first[1].strip() if len(first) > 1 else first[0]
-        raise TlfxError(f"weights {source!r} do not fit this architecture ({msg[:200]})") from None
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        if os.environ.get(TRUST_ENV) != "1":
+            raise TlfxError(f"weights file {path!r} holds pickled Python objects (a whole module?), which could run "
+                            f"code; save model.state_dict() instead, or set {TRUST_ENV}=1 if you trust the file") from None
+    obj = torch.load(path, map_location="cpu", weights_only=False)  # the user vouched for this file
+    return obj.state_dict() if isinstance(obj, nn.Module) else obj
+
+
+def _unwrap_checkpoint(obj):
+    """A trainer checkpoint keeps the weights under one key (Lightning: ``state_dict``)."""
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model_state_dict", "model", "module"):
+            inner = obj.get(key)
+            if isinstance(inner, nn.Module):
+                inner = inner.state_dict() if os.environ.get(TRUST_ENV) == "1" else None
+            if isinstance(inner, dict) and inner and all(isinstance(v, torch.Tensor) for v in inner.values()):
+                return inner
+    return obj
+
+
+def _strip(sd: dict, prefix: str) -> dict:
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in sd.items()}
+
+
+def fit_keys(sd: dict, target) -> dict:
+    """``sd`` with the wrapper prefixes (``module.``, ``model.``, ``_orig_mod.``) removed, as far as that makes
+    more of its names those of ``target``."""
+    target = set(target)
+    best = sd
+    for _ in range(3):  # nested wrappers: model.module.…
+        options = [_strip(best, p) for p in _PREFIXES]
+        better = max(options, key=lambda c: len(target & set(c)))
+        if len(target & set(better)) <= len(target & set(best)):
+            break
+        best = better
+    return best
+
+
+def _first(names, n=3) -> str:
+    names = sorted(names)
+    more = f" (+{len(names) - n} more)" if len(names) > n else ""
+    return ", ".join(names[:n]) + more
+
+
+def apply_state_dict(module: nn.Module, sd: dict, source: str):
+    """Load ``sd`` into ``module`` strictly; one line naming the first missing/unexpected/misshapen tensors."""
+    target = module.state_dict()
+    sd = fit_keys(sd, target)
+    missing = set(target) - set(sd)
+    unexpected = set(sd) - set(target)
+    shapes = [f"{k} {tuple(sd[k].shape)} vs {tuple(target[k].shape)}" for k in sorted(set(sd) & set(target))
+              if sd[k].shape != target[k].shape]
+    parts = ([f"missing {_first(missing)}"] if missing else []) + ([f"unexpected {_first(unexpected)}"] if unexpected
+                                                                   else [])
+    if shapes:
+        parts.append(f"shape of {_first(shapes, 2)}")
+    if parts:
+        raise TlfxError(f"weights {source!r} do not fit this architecture: {'; '.join(parts)}")
+    module.load_state_dict(sd)
 
 
 def dumps_config(cfg: dict) -> str:

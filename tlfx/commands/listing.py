@@ -1,4 +1,5 @@
 import json
+import os
 
 import click
 
@@ -46,29 +47,53 @@ def plugins(as_json):
         raise TlfxError(clashes[0].message)
 
 
+def _weights_row(e) -> dict:
+    """Status of a backbone's default weights: cached / downloadable / offline-only / missing, size when known."""
+    status_fn, check = e.meta.get("weights_status"), e.meta.get("weights_available")
+    if status_fn:
+        st = status_fn()
+    elif check:
+        ok, where = check()
+        # weights that tlfx cannot download (shipped in a package, placed by hand): there or not
+        is_file = ok and isinstance(where, str) and os.path.isfile(where)
+        st = {"status": ("offline-only" if is_file else "built-in") if ok else "missing",
+              "size": os.path.getsize(where) if is_file else None, "where": where}
+    elif e.meta.get("takes_argument"):
+        st = {"status": "per-model", "size": None, "where": "downloaded on first use for the model named after ':'"}
+    else:
+        st = {"status": "-", "size": None, "where": "see --weights"}
+    return st
+
+
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
 def backbones(as_json):
-    """List backbones, and whether their pretrained weights are available offline.
+    """List backbones and their default weights: cached (ready offline), downloadable (fetched on first use),
+    offline-only (shipped in a package), built-in (none needed) or missing; with the size when known.
 
     \b
     Examples:
       tlfx backbones
       tlfx backbones --json
+      TLFX_OFFLINE=1 tlfx backbones        # what works on an air-gapped machine
     """
+    from ..safetext import terminal
+    from ..weights import human_size
+
     rows = []
     for e in _registry("backbone").entries():
-        check = e.meta.get("weights_available")
-        ok, where = check() if check else (None, "see --weights")
-        rows.append({"name": e.name, "plugin": e.plugin, "description": e.description, "offline": ok, "weights": where})
+        st = _weights_row(e)
+        rows.append({"name": e.name, "plugin": e.plugin, "description": e.description,
+                     "offline": st["status"] in ("cached", "offline-only"), "status": st["status"],
+                     "size": st["size"], "weights": st["where"]})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
-        flag = {True: "offline", False: "missing", None: "-"}[r["offline"]]
-        click.echo(f"{r['name']:<22} {flag:<8} {r['description']}")
-        if r["offline"] is False:
-            click.echo(f"{'':<31}weights: {r['weights']}")
+        size = human_size(r["size"]) if r["size"] else ""
+        click.echo(f"{terminal(r['name']):<22} {r['status']:<13} {size:>9}  {terminal(r['description'])}")
+        if r["status"] == "missing":
+            click.echo(f"{'':<47}weights: {terminal(str(r['weights']))}")
 
 
 def _simple_list(kind):
