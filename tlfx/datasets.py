@@ -12,6 +12,7 @@ from PIL import Image
 from .errors import TlfxError
 from .images import open_image
 from .plugins import registry
+from .safetext import terminal
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
@@ -20,7 +21,9 @@ class ImageDataset:
     """Base class for dataset plugins.
 
     Subclasses set ``ids`` (list of str: relative path or index), ``labels`` (int64 array, -1 if unlabeled),
-    ``class_names`` (list of str, index = label) and implement :meth:`load`.
+    ``class_names`` (list of str, index = label) and implement :meth:`load`. ``listing_skips`` holds
+    ``(id, reason)`` for what listing found but could not list or use (an unreadable folder, a FIFO, a folder
+    reached again through a link): extraction records them in the store's ``/skipped`` like undecodable files.
     """
 
     spec: str = ""
@@ -31,6 +34,7 @@ class ImageDataset:
         self.ids: list[str] = []
         self.labels = np.zeros(0, np.int64)
         self.class_names: list[str] = []
+        self.listing_skips: list[tuple[str, str]] = []
 
     def __len__(self):
         return len(self.ids)
@@ -137,5 +141,8 @@ def load_dataset(spec: str, split: str | None = None, root: str | None = None, l
     ds.spec = spec
     ds.take(limit)
     if len(ds) == 0:
-        raise TlfxError(f"dataset {spec!r} (split {split or 'all'}) holds no images; check the path and the split")
+        skips = getattr(ds, "listing_skips", [])
+        why = f" ({len(skips)} skipped while listing, e.g. {terminal(skips[0][0])}: {skips[0][1]})" if skips else ""
+        raise TlfxError(f"dataset '{terminal(spec)}' (split {split or 'all'}) holds no images{why}; check the path "
+                        f"and the split")
     return ds
