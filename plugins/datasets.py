@@ -148,6 +148,11 @@ def _keys(paths):
 
 
 def imagefolder(arg, split=None, root=None):
+    """``imagefolder:DIR``: one sub-folder per class (``DIR/train``, ``DIR/test``, ``DIR/val`` for splits).
+
+    Links are followed, each folder and file at most once (see :class:`_Lister`); what cannot be listed or used
+    is in ``listing_skips``.
+    """
     top = directory = os.path.expanduser(arg)
     if not os.path.isdir(directory):
         raise TlfxError(f"imagefolder directory {arg!r} does not exist; pass imagefolder:DIR with one sub-folder per class")
@@ -349,7 +354,8 @@ def cifar10(arg, split=None, root=None):
 @tlfx.hookimpl
 def register_datasets(register):
     register("imagefolder", imagefolder, description="imagefolder:DIR, one sub-folder per class "
-             "(DIR/train and DIR/test for splits)", splits=("train", "test", "val", "all"), needs_argument=True,
+             "(DIR/train and DIR/test for splits); links are followed, each folder and file listed once",
+             splits=("train", "test", "val", "all"), needs_argument=True,
              argument="DIR")
     register("csv", csv_dataset, description="csv:FILE with rows path,label[,split]; paths relative to the CSV",
              splits=("train", "test", "val", "all"), needs_argument=True, argument="FILE")

@@ -266,3 +266,57 @@ def test_file_names_in_the_summary_are_escaped(tmp_path):
     assert "\x1b" not in p.stdout and "evil\\x1b[2J\\x0aname.png: not an image" in p.stdout
     strict = _extract(data, tmp_path / "s.h5", "--strict")
     assert strict.returncode == 2 and "\x1b" not in strict.stderr and "evil\\x1b[2J\\x0aname.png" in strict.stderr
+
+
+# ------------------------------------------------------------------------------------------- option values
+_X = ["extract", "--backbone", "pixels", "--data", "digits", "--out", "x.h5"]
+_FIT = ["fit", "--features", "no.h5", "--out", "m.tlfx", "--head"]
+
+
+@pytest.mark.parametrize("args, needle", [
+    pytest.param([*_X, "--image-size", "0"], "'--image-size': 0 is not in the range 16<=x<=2048", id="size-0"),
+    pytest.param([*_X, "--image-size", "-1"], "'--image-size': -1 is not in the range", id="size-negative"),
+    pytest.param([*_X, "--image-size", "100000"], "'--image-size': 100000 is not in the range", id="size-huge"),
+    pytest.param([*_X, "--limit", "1e23"], "'1e23' is not a valid integer", id="limit-float"),
+    pytest.param([*_X, "--limit", str(10**30)], "--limit must be at least 1 and at most 1000000000000", id="limit-huge"),
+    pytest.param([*_X, "--layers", ""], "names an empty layer", id="layers-empty"),
+    pytest.param([*_X, "--layers", "penultimate,"], "names an empty layer", id="layers-trailing-comma"),
+    pytest.param([*_X, "--layers", "penultimate,penultimate"], "names 'penultimate' twice", id="layers-twice"),
+    pytest.param([*_X, "--layers", "nosuch"], "layer 'nosuch' is not a module", id="layers-no-module"),
+    pytest.param([*_FIT, "knn", "--seed", "-1"], "'--seed': -1 is not in the range 0<=x<=4294967295", id="fit-seed"),
+    pytest.param([*_FIT, "knn", "--seed", str(2**32)], "is not in the range 0<=x<=4294967295", id="fit-seed-2**32"),
+    pytest.param(["compare", "--train", "a.h5", "--test", "b.h5", "--seed", "-1"], "'--seed': -1 is not in the range",
+                 id="compare-seed"),
+    pytest.param(["finetune", "--data", "digits", "--epochs", "1", "--out", "m.tlfx", "--seed", "-1"],
+                 "'--seed': -1 is not in the range", id="finetune-seed"),
+    pytest.param([*_FIT, "linear", "--param", "epochs=-1"], "--param epochs=-1 is out of range for head 'linear': "
+                 "epochs must be >= 1", id="linear-epochs"),
+    pytest.param([*_FIT, "linear", "--param", "val_fraction=1"], "val_fraction must be >= 0 and < 1", id="linear-val"),
+    pytest.param([*_FIT, "linear", "--param", "lr=nan"], "lr must be a number, not nan", id="linear-lr-nan"),
+    pytest.param([*_FIT, "logistic", "--param", "C=-1"], "C must be > 0", id="logistic-C"),
+    pytest.param([*_FIT, "svm", "--param", "C=0"], "C must be > 0", id="svm-C"),
+    pytest.param([*_FIT, "svm", "--param", "random_state=-1"], "random_state must be >= 0 and <= 4294967295",
+                 id="svm-seed"),
+    pytest.param([*_FIT, "knn", "--param", "n_neighbors=0"], "n_neighbors must be >= 1", id="knn-k"),
+    pytest.param([*_FIT, "random_forest", "--param", "min_samples_leaf=1.5"], "min_samples_leaf must be > 0 and < 1",
+                 id="rf-leaf-float"),
+    pytest.param([*_FIT, "random_forest", "--param", "n_estimators=0"], "n_estimators must be >= 1", id="rf-trees"),
+])
+def test_out_of_range_option_values_are_one_line_exit_2_before_any_work(tmp_path, args, needle):
+    """Each used to be silently replaced (--image-size 0 became 224), an empty store (-1), a 60 GB allocation
+    (100000), a crash deep in numpy (--seed -1) or a head that trains nothing (epochs=-1)."""
+    p = run_cli(*args, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr
+    assert needle in p.stderr and "Traceback" not in p.stderr, p.stderr
+    assert len(p.stderr.strip().splitlines()) == 1
+    assert os.listdir(tmp_path) == []  # nothing written: refused before any work
+
+
+def test_head_bounds_hold_for_the_python_api_too():
+    from tlfx.heads import create_head
+
+    X = np.random.default_rng(0).normal(size=(20, 3))
+    y = np.arange(20) % 2
+    with pytest.raises(ValueError, match="n_neighbors=0 must be >= 1"):
+        create_head("knn", n_neighbors=0).fit(X, y)
+    assert create_head("knn", n_neighbors=1).fit(X, y).predict(X).tolist() == y.tolist()

@@ -14,6 +14,7 @@ from .images import open_image
 from .plugins import registry
 from .safetext import terminal
 
+MAX_LIMIT = 10**12  # --limit: stored as a 64-bit attribute
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
@@ -135,8 +136,8 @@ def load_dataset(spec: str, split: str | None = None, root: str | None = None, l
         raise TlfxError(f"unknown split {split!r} for dataset {name!r}; valid choices: {', '.join(splits)}")
     if entry.meta.get("needs_argument") and not arg:
         raise TlfxError(f"dataset {name!r} needs an argument: {name}:{entry.meta.get('argument', 'ARG')}")
-    if limit is not None and limit < 1:
-        raise TlfxError(f"--limit must be at least 1, got {limit}")
+    if limit is not None and not 1 <= limit <= MAX_LIMIT:
+        raise TlfxError(f"--limit must be at least 1 and at most {MAX_LIMIT}, got {limit}")
     ds = entry.factory(arg, split=split, root=root)
     ds.spec = spec
     ds.take(limit)

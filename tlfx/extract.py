@@ -25,6 +25,7 @@ from .safetext import terminal
 from .store import StoreWriter, covered_until, store_attrs_base
 
 DTYPES = ("float32", "float16")
+IMAGE_SIZES = (16, 2048)  # --image-size: smaller leaves no feature map; larger needs tens of GB per batch
 SHOWN_SKIPS = 5  # skipped items listed under extract's summary
 # resamplings that torch's uint8 antialiased interpolate reproduces (bilinear: exactly; bicubic: within 2 levels)
 _BATCH_RESIZE = ("bilinear", "bicubic")
@@ -291,6 +292,8 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDa
         raise TlfxError(f"unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)}")
     if batch_size < 1:
         raise TlfxError(f"--batch-size must be at least 1, got {batch_size}")
+    if image_size is not None and not IMAGE_SIZES[0] <= image_size <= IMAGE_SIZES[1]:
+        raise TlfxError(f"--image-size must be {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} pixels, got {image_size}")
     ds = data if isinstance(data, ImageDataset) else load_dataset(data, split=split, root=root, limit=limit)
     listing_skips = list(getattr(ds, "listing_skips", None) or [])
     if strict and listing_skips:

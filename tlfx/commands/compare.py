@@ -20,7 +20,7 @@ from ..engines import search_engine_options
 @click.option("--learning-curve", default="1,5,10,50,100,all", show_default=True, metavar="K,K,...|none",
               help="Labelled examples per class for the learning curves.")
 @click.option("--bootstrap", "n_boot", type=int, default=1000, show_default=True, help="Bootstrap resamples for the CIs.")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of every random choice (same seed, same numbers).")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="Seed of every random choice.")
 @click.option("--gallery", type=int, default=24, show_default=True, help="Misclassified test images to show.")
 @click.option("--allow-incomplete", is_flag=True, help="Accept stores whose extraction has not finished.")
 @click.option("--trust", is_flag=True, help="Allow --finetune model files that need unpickling (only files you made).")
