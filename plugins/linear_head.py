@@ -14,7 +14,7 @@ import sys
 import numpy as np
 
 import tlfx
-from tlfx.heads import lazy_classes
+from tlfx.heads import SEED_BOUNDS, Bounds, lazy_classes
 
 
 def _define():
@@ -49,6 +49,9 @@ def _define():
         param_types = {"lr": (float,), "weight_decay": (float,), "epochs": (int,), "batch_size": (int,),
                        "val_fraction": (float,), "patience": (int,), "min_steps": (int,), "standardize": (bool,),
                        "device": (str,), "seed": (int,)}
+        param_bounds = {"lr": Bounds(0, low_open=True), "weight_decay": Bounds(0), "epochs": Bounds(1),
+                        "batch_size": Bounds(0), "val_fraction": Bounds(0, 1, high_open=True), "patience": Bounds(0),
+                        "min_steps": Bounds(0), "seed": SEED_BOUNDS}
 
         def __init__(self, lr=1e-3, weight_decay=1e-2, epochs=100, batch_size=256, val_fraction=0.1, patience=8,
                      min_steps=1000, standardize=True, device="auto", seed=0):

@@ -12,7 +12,7 @@ import sys
 
 import tlfx
 import tlfx.head_model  # noqa: F401  (registers the "head" model kind wherever heads are available)
-from tlfx.heads import lazy_classes
+from tlfx.heads import SEED_BOUNDS, Bounds, lazy_classes
 
 
 def _define():
@@ -40,6 +40,7 @@ def _define():
         """
 
         param_types = {"C": (float,), "max_iter": (int,), "tol": (float,), "standardize": (bool,)}
+        param_bounds = {"C": Bounds(0, low_open=True), "max_iter": Bounds(1), "tol": Bounds(0)}
 
         def __init__(self, C=0.1, max_iter=1000, tol=1e-4, standardize=True):
             self.C = C
@@ -69,6 +70,8 @@ def _define():
         param_types = {"C": (float,), "kernel": ("rbf", "linear", "poly", "sigmoid"), "gamma": (float, "scale", "auto"),
                        "degree": (int,), "standardize": (bool,), "max_exact": (int,), "n_components": (int,),
                        "probability": (bool,), "random_state": (int, None)}
+        param_bounds = {"C": Bounds(0, low_open=True), "gamma": Bounds(0, low_open=True), "degree": Bounds(0),
+                        "max_exact": Bounds(0), "n_components": Bounds(1), "random_state": SEED_BOUNDS}
 
         def __init__(self, C=10.0, kernel="rbf", gamma="scale", degree=3, standardize=True, max_exact=20000,
                      n_components=2000, probability=False, random_state=0):
@@ -124,6 +127,9 @@ def _define():
         param_types = {"n_estimators": (int,), "max_depth": (int, None), "max_features": (float, "sqrt", "log2", None),
                        "min_samples_leaf": (int, float), "class_weight": ("balanced", "balanced_subsample", dict, None),
                        "n_jobs": (int, None), "random_state": (int, None)}
+        param_bounds = {"n_estimators": Bounds(1), "max_depth": Bounds(1), "max_features": Bounds(0, 1, low_open=True),
+                        "min_samples_leaf": {int: Bounds(1), float: Bounds(0, 1, True, True)},
+                        "random_state": SEED_BOUNDS}
 
         def __init__(self, n_estimators=200, max_depth=None, max_features="sqrt", min_samples_leaf=1, class_weight=None,
                      n_jobs=-1, random_state=0):
@@ -150,6 +156,7 @@ def _define():
 
         param_types = {"n_neighbors": (int,), "metric": ("cosine", "euclidean", "manhattan", "minkowski"),
                        "weights": ("uniform", "distance"), "standardize": (bool,)}
+        param_bounds = {"n_neighbors": Bounds(1)}
 
         def __init__(self, n_neighbors=10, metric="cosine", weights="distance", standardize=False):
             self.n_neighbors = n_neighbors

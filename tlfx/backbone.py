@@ -42,11 +42,17 @@ class Backbone:
         elif layers == "multi":
             return [*self.stages[-self.multi_stages:], "penultimate"]
         else:
-            names = [n.strip() for n in str(layers).split(",") if n.strip()]
+            names = [n.strip() for n in str(layers).split(",")]
+        hint = ", ".join(["penultimate", "multi", *self.stages])
+        if not names or any(not n for n in names):
+            raise TlfxError(f"--layers {layers!r} names an empty layer; pass penultimate, multi or comma-separated "
+                            f"module names, e.g. {hint}")
+        twice = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if twice is not None:
+            raise TlfxError(f"--layers names {twice!r} twice; name each layer once")
         modules = dict(self.module.named_modules())
         for n in names:
             if n != "penultimate" and n not in modules:
-                hint = ", ".join(["penultimate", "multi", *self.stages])
                 raise TlfxError(f"layer {n!r} is not a module of backbone {self.name!r}; try one of: {hint}")
         return names
 

@@ -12,7 +12,9 @@ from PIL import Image
 from .errors import TlfxError
 from .images import open_image
 from .plugins import registry
+from .safetext import terminal
 
+MAX_LIMIT = 10**12  # --limit: stored as a 64-bit attribute
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm", ".pbm")
 
 
@@ -20,7 +22,9 @@ class ImageDataset:
     """Base class for dataset plugins.
 
     Subclasses set ``ids`` (list of str: relative path or index), ``labels`` (int64 array, -1 if unlabeled),
-    ``class_names`` (list of str, index = label) and implement :meth:`load`.
+    ``class_names`` (list of str, index = label) and implement :meth:`load`. ``listing_skips`` holds
+    ``(id, reason)`` for what listing found but could not list or use (an unreadable folder, a FIFO, a folder
+    reached again through a link): extraction records them in the store's ``/skipped`` like undecodable files.
     """
 
     spec: str = ""
@@ -31,6 +35,7 @@ class ImageDataset:
         self.ids: list[str] = []
         self.labels = np.zeros(0, np.int64)
         self.class_names: list[str] = []
+        self.listing_skips: list[tuple[str, str]] = []
 
     def __len__(self):
         return len(self.ids)
@@ -131,11 +136,14 @@ def load_dataset(spec: str, split: str | None = None, root: str | None = None, l
         raise TlfxError(f"unknown split {split!r} for dataset {name!r}; valid choices: {', '.join(splits)}")
     if entry.meta.get("needs_argument") and not arg:
         raise TlfxError(f"dataset {name!r} needs an argument: {name}:{entry.meta.get('argument', 'ARG')}")
-    if limit is not None and limit < 1:
-        raise TlfxError(f"--limit must be at least 1, got {limit}")
+    if limit is not None and not 1 <= limit <= MAX_LIMIT:
+        raise TlfxError(f"--limit must be at least 1 and at most {MAX_LIMIT}, got {limit}")
     ds = entry.factory(arg, split=split, root=root)
     ds.spec = spec
     ds.take(limit)
     if len(ds) == 0:
-        raise TlfxError(f"dataset {spec!r} (split {split or 'all'}) holds no images; check the path and the split")
+        skips = getattr(ds, "listing_skips", [])
+        why = f" ({len(skips)} skipped while listing, e.g. {terminal(skips[0][0])}: {skips[0][1]})" if skips else ""
+        raise TlfxError(f"dataset '{terminal(spec)}' (split {split or 'all'}) holds no images{why}; check the path "
+                        f"and the split")
     return ds

@@ -21,9 +21,12 @@ from .errors import TlfxError
 from .fold import fold_batchnorm as fold_bn
 from .images import BadImage, preprocess_image, resize_plan
 from .runtime import autocast, decode_threads, default_workers, pick_device, resolve_precision, tune_allocator, worker_init
+from .safetext import terminal
 from .store import StoreWriter, covered_until, store_attrs_base
 
 DTYPES = ("float32", "float16")
+IMAGE_SIZES = (16, 2048)  # --image-size: smaller leaves no feature map; larger needs tens of GB per batch
+SHOWN_SKIPS = 5  # skipped items listed under extract's summary
 # resamplings that torch's uint8 antialiased interpolate reproduces (bilinear: exactly; bicubic: within 2 levels)
 _BATCH_RESIZE = ("bilinear", "bicubic")
 
@@ -200,6 +203,7 @@ class ExtractResult:
     images_per_s: float
     resumed_from: int = 0
     already_complete: bool = False
+    skipped_examples: list = dataclasses.field(default_factory=list)  # a few (id, reason) from the store's /skipped
 
     @classmethod
     def of_complete_store(cls, path: str) -> ExtractResult:
@@ -211,10 +215,14 @@ class ExtractResult:
 
     def summary(self) -> str:
         if self.already_complete:
-            return f"{self.path} is already complete ({self.n} images x {self.dim}); nothing to do"
+            return f"{terminal(self.path)} is already complete ({self.n} images x {self.dim}); nothing to do"
         resumed = f", resumed at item {self.resumed_from}" if self.resumed_from else ""
-        return (f"extracted {self.n} images x {self.dim} features in {self.seconds:.1f} s "
-                f"({self.images_per_s:.0f} images/s), {self.skipped} skipped{resumed} -> {self.path}")
+        lines = [f"extracted {self.n} images x {self.dim} features in {self.seconds:.1f} s "
+                 f"({self.images_per_s:.0f} images/s), {self.skipped} skipped{resumed} -> {terminal(self.path)}"]
+        lines += [f"  skipped {terminal(i)}: {terminal(r)}" for i, r in self.skipped_examples[:SHOWN_SKIPS]]
+        if self.skipped > SHOWN_SKIPS:
+            lines.append(f"  ... and {self.skipped - SHOWN_SKIPS} more (tlfx info shows the store's /skipped)")
+        return "\n".join(lines)
 
 
 def store_attributes(ds, config: dict, precision: str, dtype: str, root, limit, part_size: int) -> dict:
@@ -284,7 +292,14 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDa
         raise TlfxError(f"unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)}")
     if batch_size < 1:
         raise TlfxError(f"--batch-size must be at least 1, got {batch_size}")
+    if image_size is not None and not IMAGE_SIZES[0] <= image_size <= IMAGE_SIZES[1]:
+        raise TlfxError(f"--image-size must be {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} pixels, got {image_size}")
     ds = data if isinstance(data, ImageDataset) else load_dataset(data, split=split, root=root, limit=limit)
+    listing_skips = list(getattr(ds, "listing_skips", None) or [])
+    if strict and listing_skips:
+        i, reason = listing_skips[0]
+        raise TlfxError(f"cannot use '{terminal(i)}': {terminal(reason)} (--strict; {len(listing_skips)} found while "
+                        f"listing the dataset); fix or remove it, then run again")
     bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
     computer = FeatureComputer(bb, layers, pooling, image_size, precision, device, compile)
     part_size = part_size or max(batch_size, (2048 // batch_size) * batch_size)
@@ -304,8 +319,9 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDa
     from .store import FeatureStore
 
     st = FeatureStore(out)
-    return ExtractResult(out, len(st), int(st.attrs.get("dim", dim)), len(st.skipped), seconds,
-                         n_done / seconds if seconds else 0.0, resumed_from=start)
+    skipped = st.skipped
+    return ExtractResult(out, len(st), int(st.attrs.get("dim", dim)), len(skipped), seconds,
+                         n_done / seconds if seconds else 0.0, resumed_from=start, skipped_examples=skipped[:SHOWN_SKIPS])
 
 
 def _run(computer: FeatureComputer, ds, writer, start, part_size, batch_size, workers, strict, progress):
@@ -318,13 +334,16 @@ def _run(computer: FeatureComputer, ds, writer, start, part_size, batch_size, wo
     n_done = n_skipped = dim = 0
     part_start = start
     buf_feats, buf_idx, buf_skip = [], [], []
+    # what listing could not use goes into the part that starts at item 0, so a resumed run never records it twice
+    listed_skips = list(getattr(ds, "listing_skips", None) or []) if start == 0 else []
+    n_skipped += len(listed_skips)
 
     def flush(end):
-        nonlocal part_start, buf_feats, buf_idx, buf_skip
+        nonlocal part_start, buf_feats, buf_idx, buf_skip, listed_skips
         feats = np.concatenate(buf_feats) if buf_feats else np.zeros((0, dim), np.float32)
         pw.put(part_start, end, feats, ds.labels[buf_idx], [ds.ids[i] for i in buf_idx],
-               [(ds.ids[i], r) for i, r in buf_skip])
-        part_start, buf_feats, buf_idx, buf_skip = end, [], [], []
+               listed_skips + [(ds.ids[i], r) for i, r in buf_skip])
+        part_start, buf_feats, buf_idx, buf_skip, listed_skips = end, [], [], [], []
 
     try:
         if start < n:
@@ -333,8 +352,8 @@ def _run(computer: FeatureComputer, ds, writer, start, part_size, batch_size, wo
                 if bad:
                     if strict:
                         i, reason = bad[0]
-                        raise TlfxError(f"cannot read {ds.ids[i]!r}: {reason} (--strict); fix or remove it, "
-                                        f"then run again to resume")
+                        raise TlfxError(f"cannot read '{terminal(ds.ids[i])}': {terminal(reason)} (--strict); fix or "
+                                        f"remove it, then run again to resume")
                     buf_skip += bad
                     n_skipped += len(bad)
                 if arr is not None:

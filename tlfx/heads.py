@@ -114,16 +114,57 @@ def _type_ok(value, spec) -> bool:
     return False
 
 
+class Bounds:
+    """The allowed range of a numeric head parameter: ``Bounds(low=0, low_open=True)`` is ``> 0``.
+
+    Heads declare them in ``param_bounds`` (``{"C": Bounds(0, low_open=True)}``, or per type:
+    ``{int: Bounds(1), float: Bounds(0, 1, True, True)}``); ``--param`` and ``fit`` refuse values outside.
+    Booleans, ``None`` and strings are not numbers and are left to ``param_types``.
+    """
+
+    def __init__(self, low=None, high=None, low_open=False, high_open=False):
+        self.low, self.high, self.low_open, self.high_open = low, high, low_open, high_open
+
+    def contains(self, v) -> bool:
+        if self.low is not None and (v <= self.low if self.low_open else v < self.low):
+            return False
+        return not (self.high is not None and (v >= self.high if self.high_open else v > self.high))
+
+    def __str__(self):
+        lo = None if self.low is None else f"{'>' if self.low_open else '>='} {self.low}"
+        hi = None if self.high is None else f"{'<' if self.high_open else '<='} {self.high}"
+        return " and ".join(x for x in (lo, hi) if x) or "any number"
+
+
+SEED_BOUNDS = Bounds(0, 2**32 - 1)  # what numpy and scikit-learn accept as a seed
+
+
+def _bounds_error(value, bounds) -> str | None:
+    """Why ``value`` is outside ``bounds`` (a :class:`Bounds` or ``{type: Bounds}``), or None when it is inside."""
+    if bounds is None or isinstance(value, bool) or not isinstance(value, (int, float)):
+        return None
+    if isinstance(bounds, dict):
+        bounds = bounds.get(int if isinstance(value, int) else float)
+        if bounds is None:
+            return None
+    if value != value:  # NaN compares false with everything
+        return "a number, not nan"
+    return None if bounds.contains(value) else str(bounds)
+
+
 def _describe_spec(spec) -> str:
     return " or ".join(a.__name__ if isinstance(a, type) else repr(a) for a in spec)
 
 
-def check_param(head: str, key: str, value, spec, valid=()):
-    """Raise :class:`TlfxError` when ``value`` does not fit the parameter's declared types/choices."""
+def check_param(head: str, key: str, value, spec, valid=(), bounds=None):
+    """Raise :class:`TlfxError` when ``value`` does not fit the parameter's declared types/choices and range."""
     if spec and not _type_ok(value, spec):
         also = f"; valid parameters: {', '.join(sorted(valid))}" if valid else ""
         raise TlfxError(f"--param {key}={value!r} is not valid for head {head!r}: {key} must be "
                         f"{_describe_spec(spec)}{also}")
+    why = _bounds_error(value, bounds)
+    if why:
+        raise TlfxError(f"--param {key}={value!r} is out of range for head {head!r}: {key} must be {why}")
 
 
 def parse_params(name: str, items) -> dict:
@@ -140,7 +181,8 @@ def parse_params(name: str, items) -> dict:
         if key not in valid:
             raise TlfxError(f"head {name!r} has no parameter {key!r}; valid parameters: {', '.join(sorted(valid))}")
         value = parse_value(raw)
-        check_param(name, key, value, getattr(est, "param_types", {}).get(key), valid)
+        check_param(name, key, value, getattr(est, "param_types", {}).get(key), valid,
+                    getattr(est, "param_bounds", {}).get(key))
         out[key] = value
     return out
 
@@ -182,17 +224,21 @@ def _define_base():
 
         Subclasses implement ``_fit(X, y_idx, n_classes)`` (``y_idx`` are indices into ``classes_``) and
         ``_proba(X) -> [n, n_classes]``. ``predict`` is the argmax of ``predict_proba``, so the two always agree.
-        ``param_types`` maps each parameter to its allowed types and literal values, checked by ``tlfx fit --param``
-        and at ``fit``.
+        ``param_types`` maps each parameter to its allowed types and literal values, ``param_bounds`` numeric ones
+        to their :class:`Bounds`; both are checked by ``tlfx fit --param`` and at ``fit``.
         """
 
         param_types: dict = {}
+        param_bounds: dict = {}
 
         def _check_params(self):
             for key, value in self.get_params(deep=False).items():
                 spec = self.param_types.get(key)
                 if spec and not _type_ok(value, spec):
                     raise ValueError(f"{type(self).__name__}: parameter {key}={value!r} must be {_describe_spec(spec)}")
+                why = _bounds_error(value, self.param_bounds.get(key))
+                if why:
+                    raise ValueError(f"{type(self).__name__}: parameter {key}={value!r} must be {why}")
 
         def fit(self, X, y):
             """Train on features ``X [n, d]`` and labels ``y [n]`` (any hashable labels). Returns ``self``."""

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import errno
+import os
+import stat
 import warnings
 
 import numpy as np
@@ -22,6 +25,46 @@ _RESAMPLE = {
 
 class BadImage(Exception):
     """An input that cannot be decoded; its message is the reason recorded in ``/skipped``."""
+
+
+class NotRegularFile(OSError):
+    """A path that names a FIFO, a device, a socket or a directory: never read, it could block or never end."""
+
+
+_KINDS = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO"), (stat.S_ISCHR, "a character device"),
+          (stat.S_ISBLK, "a block device"), (stat.S_ISSOCK, "a socket"))
+
+
+def file_kind(mode: int) -> str:
+    """What a non-regular ``st_mode`` is, in words (``a FIFO``, ``a directory``...)."""
+    return next((name for test, name in _KINDS if test(mode)), "not a plain file")
+
+
+def open_regular(path, max_bytes: int | None = None):
+    """``path`` opened for binary reading, only if it is a regular file (at most ``max_bytes`` long).
+
+    Opened non-blocking and then checked with ``fstat`` on the open descriptor, so a FIFO never blocks the open and
+    a file swapped for something else between a check and the open is still caught. Raises
+    :class:`NotRegularFile` (message ``not a regular file (a FIFO)``), or ``OSError`` from the open.
+    """
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0) | getattr(os, "O_NOCTTY", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as exc:
+        if exc.errno == errno.ENXIO:  # a socket, or a device without a driver
+            raise NotRegularFile(errno.ENXIO, "not a regular file (a socket or device)") from None
+        raise
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise NotRegularFile(errno.EINVAL, f"not a regular file ({file_kind(st.st_mode)})")
+        if max_bytes is not None and st.st_size > max_bytes:
+            raise NotRegularFile(errno.EFBIG, f"file too large ({st.st_size} bytes, limit {max_bytes})")
+        os.set_blocking(fd, True)
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def to_rgb(img: Image.Image) -> Image.Image:
@@ -51,7 +94,7 @@ def open_image(path, target: int | None = None) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with Image.open(path) as img:
+            with open_regular(path) as fp, Image.open(fp) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise BadImage(f"decompression bomb: {img.width}x{img.height} pixels")
                 if target and img.format == "JPEG":
@@ -65,16 +108,24 @@ def open_image(path, target: int | None = None) -> Image.Image:
             raise BadImage(f"decompression bomb: {exc}") from None
         except Image.DecompressionBombError as exc:
             raise BadImage(f"decompression bomb: {exc}") from None
+        except NotRegularFile as exc:
+            raise BadImage(exc.strerror) from None
         except FileNotFoundError:
             raise BadImage("file not found (or broken symlink)") from None
         except PermissionError:
             raise BadImage("permission denied") from None
-        except IsADirectoryError:
-            raise BadImage("is a directory") from None
-        except Image.UnidentifiedImageError:
-            raise BadImage("not an image (unidentified format)") from None
-        except (OSError, SyntaxError, ValueError, EOFError) as exc:
-            raise BadImage(f"cannot decode: {str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__}") from None
+        except OSError as exc:
+            if exc.errno == errno.ELOOP:
+                raise BadImage("symlink loop") from None
+            if isinstance(exc, Image.UnidentifiedImageError):
+                raise BadImage("not an image (unidentified format)") from None
+            raise BadImage(f"cannot decode: {_first_line(exc)}") from None
+        except (SyntaxError, ValueError, EOFError) as exc:
+            raise BadImage(f"cannot decode: {_first_line(exc)}") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return str(exc).splitlines()[0][:160] if str(exc) else type(exc).__name__
 
 
 def resize_plan(w: int, h: int, pre: Preprocess) -> tuple[int, int, int, int]:

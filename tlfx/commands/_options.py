@@ -3,10 +3,13 @@
 import click
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # tlfx.runtime.PRECISIONS, without importing torch
+# tlfx.extract.IMAGE_SIZES, without importing torch: refused before any work starts
+IMAGE_SIZE = click.IntRange(16, 2048)
 
 
 def data_options(f):
-    f = click.option("--limit", type=int, default=None, metavar="N", help="Use only the first N items (quick runs).")(f)
+    f = click.option("--limit", type=int, default=None, metavar="N",
+                     help="Use only the first N items (quick runs); 1 to 10^12.")(f)
     f = click.option("--root", type=str, default=None, metavar="DIR",
                      help="Where a built-in dataset's files are (e.g. Fashion-MNIST IDX files).")(f)
     f = click.option("--split", type=str, default=None, help="Dataset split: train, test (val, all where the data has them).")(f)
@@ -18,8 +21,8 @@ def data_options(f):
 def backbone_options(f):
     f = click.option("--weights", type=str, default=None, metavar="PATH",
                      help="Local state-dict file instead of the backbone's default pretrained weights.")(f)
-    f = click.option("--image-size", type=int, default=None, metavar="PX",
-                     help="Input size in pixels (default: the weights' own crop size).")(f)
+    f = click.option("--image-size", type=IMAGE_SIZE, default=None, metavar="PX",
+                     help="Input size in pixels, 16 to 2048 (default: the weights' own crop size).")(f)
     f = click.option("--pooling", type=click.Choice(["avg", "max"]), default="avg", show_default=True,
                      help="Global pooling of each chosen layer.")(f)
     f = click.option("--layers", default="penultimate", show_default=True,

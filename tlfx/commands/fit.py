@@ -13,7 +13,7 @@ from ..engines import search_engine_options
               help="Head parameter, repeatable; values are read as int/float/bool/none/str (e.g. C=10, max_depth=none).")
 @click.option("--search", is_flag=True, help="Cross-validate the head's parameter grid on the training store, keep the best.")
 @click.option("--cv", type=click.IntRange(2, None), default=5, show_default=True, help="Folds for --search (stratified).")
-@click.option("--seed", type=int, default=0, show_default=True, help="Seed of CV folds and of seeded heads.")
+@click.option("--seed", type=click.IntRange(0, 2**32 - 1), default=0, show_default=True, help="CV folds, seeded heads.")
 @click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="M",
               help="Model file to write (e.g. svm.tlfx).")
 @click.option("--export-joblib", is_flag=True,
