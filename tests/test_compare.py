@@ -13,8 +13,9 @@ from conftest import run_cli
 from PIL import Image
 
 import tlfx
-from tlfx.compare import bootstrap_ci, compare, confusion, macro_f1_from_cm, pareto_front, parse_curve, subsample_per_class
+from tlfx.compare import compare, pareto_front, parse_curve, subsample_per_class
 from tlfx.errors import TlfxError
+from tlfx.metrics import bootstrap_ci, confusion_matrix, macro_f1
 from tlfx.store import FeatureStore, StoreWriter
 
 HEADS = "svm,knn"  # fast on 600 rows; every registered head goes through the same code
@@ -226,7 +227,7 @@ def test_macro_f1_and_bootstrap_agree_with_sklearn():
     y = rng.integers(0, 5, 400)
     p = np.where(rng.random(400) < 0.7, y, rng.integers(0, 5, 400))
     p[p == 4] = 3  # a class never predicted
-    assert macro_f1_from_cm(confusion(y, p, 5)) == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
+    assert macro_f1(confusion_matrix(y, p, 5)) == pytest.approx(f1_score(y, p, average="macro", zero_division=0))
     ci = bootstrap_ci(y, p, 5, n_boot=500, seed=0)
     assert ci == bootstrap_ci(y, p, 5, n_boot=500, seed=0)
     acc = accuracy_score(y, p)

@@ -24,8 +24,9 @@ from conftest import rng_images, run_cli
 from PIL import Image
 
 import tlfx
-from tlfx.compare import compare, fit_head, save_head
+from tlfx.compare import compare, save_head
 from tlfx.store import FeatureStore
+from tlfx.training import fit_head
 
 HOSTILE_CLASSES = ["$1_to_$5", "a^b_c", "back\\slash", "<script>alert(1)</script>", "pipe|new\nline",
                    "\x1b[31mred\x1b[0m", "$x$", "\" onmouseover=\"alert(2)", "[l](javascript:alert(3))", "`tick`"]

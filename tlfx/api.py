@@ -45,16 +45,6 @@ def _labeled(store: FeatureStore):
     return X, y
 
 
-def _search_folds(y, cv: int) -> int:
-    counts = np.bincount(y)
-    smallest = int(counts[counts > 0].min())
-    k = min(cv, smallest)
-    if k < 2:
-        raise TlfxError(f"--search needs at least 2 training rows per class (smallest class has {smallest}); "
-                        f"drop --search or add data")
-    return k
-
-
 def fit(features, head: str, params: dict | None = None, search: bool = False, out: str | None = None, *,
         cv: int = DEFAULT_CV, seed: int = 0, allow_incomplete: bool = False,
         export_joblib: bool = False, engine: str = "local", address: str | None = None) -> HeadModel:
@@ -66,15 +56,11 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
     model (``export_joblib`` also writes a pickle copy ``<out stem>.joblib``). ``engine="ray"`` fans the
     cross-validation out through joblib's Ray backend (``address`` of a running cluster, or a local one).
     """
-    from sklearn.base import clone
-
-    from .heads import create_head, param_grid
+    from . import training
 
     store = features if isinstance(features, FeatureStore) else FeatureStore(features, allow_incomplete=allow_incomplete)
     params = dict(params or {})
-    est = create_head(head, **params)
-    # one seed for everything random (CV folds, forests, Nystroem landmarks, the linear head), unless set by params
-    est.set_params(**{k: seed for k in ("random_state", "seed") if k in est.get_params(deep=False) and k not in params})
+    training.create_seeded_head(head, params, seed)  # unknown parameters -> one line, before any work
     X, y = _labeled(store)
     present = np.unique(y)
     if len(y) == 0:
@@ -84,39 +70,14 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
         raise TlfxError(f"store {store.path!r} has only one class ({name!r}) among its labeled rows; a classifier "
                         f"needs at least 2 classes")
     extra: dict = {}
-    t0 = time.perf_counter()
-    try:
-        if search:
-            from sklearn.model_selection import GridSearchCV, StratifiedKFold
-
-            grid = {k: v for k, v in param_grid(head).items() if k not in params}
-            if not grid:
-                raise TlfxError(f"head {head!r} has no parameters left to search (its grid is empty or fixed by "
-                                f"--param); drop --search")
-            folds = _search_folds(y, cv)
-            gs = GridSearchCV(est, grid, cv=StratifiedKFold(folds, shuffle=True, random_state=seed),
-                              scoring="accuracy", refit=False, n_jobs=None, error_score="raise")
-            from .engines import search_backend
-
-            with search_backend(engine, address):
-                gs.fit(X, y)
-            best = {k: _plain(v) for k, v in gs.best_params_.items()}
-            extra["search"] = {"grid": {k: [_plain(x) for x in v] for k, v in grid.items()}, "cv_folds": folds,
-                               "cv_score": float(gs.best_score_), "best_params": best, "seed": seed,
-                               "search_seconds": time.perf_counter() - t0,
-                               "results": [{"params": {k: _plain(v) for k, v in p.items()}, "mean": float(m), "std": float(s)}
-                                           for p, m, s in zip(gs.cv_results_["params"], gs.cv_results_["mean_test_score"],
-                                                              gs.cv_results_["std_test_score"])]}
-            params = {**params, **best}
-            est = clone(est).set_params(**best)
-        t1 = time.perf_counter()
-        est.fit(X, y)
-        fit_seconds = time.perf_counter() - t1
-    except TlfxError:
-        raise
-    except (ValueError, TypeError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TlfxError(f"head {head!r} with parameters {params or '(defaults)'} cannot be fitted: {msg}") from None
+    if search:
+        found = training.search(head, X, y, fixed=params, cv=cv, seed=seed, engine=engine, address=address)
+        if found is None:
+            raise TlfxError(f"head {head!r} has no parameters left to search (its grid is empty or fixed by "
+                            f"--param); drop --search")
+        extra["search"] = found.record(seed)
+        params = {**params, **found.best_params}
+    est, fit_seconds = training.fit_head(head, X, y, params, seed)
     model = HeadModel.from_estimator(est, head=head, params=params, config=store.config,
                                      class_names=store.class_names, store=store,
                                      extra={**extra, "n_train": int(len(y)), "n_features": int(X.shape[1]),
@@ -182,7 +143,3 @@ def predict(model, paths, top_k: int = 3, *, trust: bool = False) -> list[dict]:
     return [rows.get(p, {"path": p, "error": "not processed"}) for p in paths]
 
 
-def _plain(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    return v

@@ -10,85 +10,25 @@ same command gives the same numbers; wall-clock measurements live only under ``t
 
 from __future__ import annotations
 
-import contextlib
 import os
 import platform
 import sys
 import time
-import warnings
 from dataclasses import dataclass, field
 
 import numpy as np
 
-from . import __version__
+from . import __version__, training
 from .errors import TlfxError
+from .metrics import scores
 from .models import FEATURE_CONFIG_KEYS as CONFIG_KEYS
 from .models import config_differences
 from .safetext import terminal
 from .store import FeatureStore
+from .training import collect_warnings, fit_head, plain
 
 DEFAULT_CURVE = "1,5,10,50,100,all"
 MAX_SEED = 2**32 - 1  # numpy's legacy seeding accepts no more
-
-
-# --------------------------------------------------------------------------------------------------- metrics
-def confusion(y, p, k: int) -> np.ndarray:
-    """``[k, k]`` counts, rows = true class, columns = predicted class."""
-    return np.bincount(np.asarray(y) * k + np.asarray(p), minlength=k * k).reshape(k, k)
-
-
-def per_class_scores(cm: np.ndarray) -> dict:
-    """Precision, recall, F1 and support per class from a confusion matrix (0 where undefined)."""
-    tp = np.diag(cm).astype(float)
-    pred, true = cm.sum(0).astype(float), cm.sum(1).astype(float)
-    prec = np.divide(tp, pred, out=np.zeros_like(tp), where=pred > 0)
-    rec = np.divide(tp, true, out=np.zeros_like(tp), where=true > 0)
-    f1 = np.divide(2 * prec * rec, prec + rec, out=np.zeros_like(tp), where=(prec + rec) > 0)
-    return {"precision": prec, "recall": rec, "f1": f1, "support": true.astype(int)}
-
-
-def macro_f1_from_cm(cm: np.ndarray) -> float:
-    """Macro-F1 over the classes present in the truth or the predictions (scikit-learn's convention)."""
-    s = per_class_scores(cm)
-    present = (cm.sum(0) + cm.sum(1)) > 0
-    return float(s["f1"][present].mean()) if present.any() else 0.0
-
-
-def bootstrap_ci(y, p, k: int, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
-    """Percentile bootstrap intervals of accuracy and macro-F1 over test examples (fixed seed)."""
-    y, p = np.asarray(y), np.asarray(p)
-    n = len(y)
-    if n == 0 or n_boot <= 0:
-        return {"accuracy": [None, None], "macro_f1": [None, None]}
-    rng = np.random.default_rng(seed)
-    codes = y * k + p
-    accs = np.empty(n_boot)
-    f1s = np.empty(n_boot)
-    for b in range(n_boot):
-        idx = rng.integers(0, n, n)
-        c = codes[idx]
-        cm = np.bincount(c, minlength=k * k).reshape(k, k)
-        accs[b] = np.trace(cm) / n
-        f1s[b] = macro_f1_from_cm(cm)
-    lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
-    return {"accuracy": [float(np.percentile(accs, lo)), float(np.percentile(accs, hi))],
-            "macro_f1": [float(np.percentile(f1s, lo)), float(np.percentile(f1s, hi))]}
-
-
-def scores(y, p, k: int, n_boot: int, seed: int) -> dict:
-    cm = confusion(y, p, k)
-    pc = per_class_scores(cm)
-    ci = bootstrap_ci(y, p, k, n_boot, seed)
-    return {
-        "accuracy": float(np.trace(cm) / max(len(y), 1)),
-        "accuracy_ci95": ci["accuracy"],
-        "macro_f1": macro_f1_from_cm(cm),
-        "macro_f1_ci95": ci["macro_f1"],
-        "per_class": {k_: [round(float(v), 6) for v in vals] for k_, vals in pc.items()},
-        "confusion": cm.tolist(),
-        "n_test": int(len(y)),
-        "n_errors": int(len(y) - np.trace(cm)),
-    }
 
 
 # ------------------------------------------------------------------------------------------------ parsing
@@ -231,95 +171,18 @@ def training_overlap(tr: FeatureStore, te: FeatureStore) -> dict | None:
 
 
 # ------------------------------------------------------------------------------------------------- fitting
-def _seeded(est, seed: int):
-    params = est.get_params()
-    if "random_state" in params and params["random_state"] is None:
-        est.set_params(random_state=seed)
-    return est
-
-
-def _reseed(seed: int):
-    np.random.seed(seed)
-    try:
-        import torch
-
-        torch.manual_seed(seed)
-    except ImportError:  # pragma: no cover - torch is a dependency
-        pass
-
-
 def _predict(est, X):
     """Predicted label indices (heads may return class labels; they are the store's label integers)."""
     return np.asarray(est.predict(X)).astype(np.int64)
-
-
-def _search(name: str, X, y, folds: int, seed: int, warn: list | None = None, engine: str = "local",
-            address: str | None = None):
-    """Grid search with stratified CV on the training rows only; returns (best params, CV accuracy, seconds, n folds)."""
-    from sklearn.model_selection import GridSearchCV, StratifiedKFold
-
-    from .heads import create_head, param_grid
-
-    grid = param_grid(name)
-    if not grid:
-        return {}, None, 0.0, 0
-    min_count = int(np.bincount(y).max(initial=0) and np.bincount(y)[np.bincount(y) > 0].min())
-    k = min(folds, min_count)
-    if k < 2:
-        raise TlfxError(f"--search needs at least 2 training examples per class (smallest class has {min_count}); "
-                        f"drop --search or add data")
-    t0 = time.perf_counter()
-    _reseed(seed)
-    from .engines import search_backend
-
-    # n_jobs unset: one process locally, every CPU of the cluster with --engine ray (joblib backend)
-    gs = GridSearchCV(_seeded(create_head(name), seed), grid, scoring="accuracy", refit=False,
-                      cv=StratifiedKFold(k, shuffle=True, random_state=seed), error_score=np.nan)
-    with collect_warnings(warn), search_backend(engine, address):
-        gs.fit(X, y)
-    best = {key: _plain(v) for key, v in gs.best_params_.items()}
-    return best, float(gs.best_score_), time.perf_counter() - t0, k
-
-
-def _plain(v):
-    if isinstance(v, np.generic):
-        return v.item()
-    return v
 
 
 def _json_params(est) -> dict:
     """Every parameter the fitted head ran with (defaults included), JSON-safe."""
     out = {}
     for k, v in sorted(est.get_params(deep=False).items()):
-        v = _plain(v)
+        v = plain(v)
         out[k] = v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
     return out
-
-
-@contextlib.contextmanager
-def collect_warnings(into: list | None):
-    """Keep library warnings (convergence, deprecations) out of the progress display; record them in ``into``."""
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        yield
-    if into is not None:
-        for w in caught:
-            msg = f"{w.category.__name__}: {str(w.message).splitlines()[0][:200]}"
-            if msg not in into:
-                into.append(msg)
-
-
-def fit_head(name: str, X, y, params: dict, seed: int, warn: list | None = None):
-    """A fresh head ``name`` with ``params`` (seeded) fitted on X, y; returns (estimator, fit seconds)."""
-    from .heads import create_head
-
-    est = _seeded(create_head(name, **params), seed)
-    _reseed(seed)
-    with collect_warnings(warn):
-        t0 = time.perf_counter()
-        est.fit(X, y)
-        seconds = time.perf_counter() - t0
-    return est, seconds
 
 
 def save_head(est, name: str, params: dict, store: FeatureStore, path: str, extra: dict | None = None) -> int:
@@ -569,7 +432,9 @@ def _head_row(set_kind, set_label, name, s_tr: Split, s_te: Split, k, search, fo
     warn: list = []
     if search:
         prog.step(f"{name} on {set_label.split(' ')[0]}: CV search")
-        params, cv_score, search_s, n_folds = _search(name, s_tr.X, s_tr.y, folds, seed, warn, engine, address)
+        found = training.search(name, s_tr.X, s_tr.y, cv=folds, seed=seed, engine=engine, address=address, warn=warn)
+        if found is not None:
+            params, cv_score, search_s, n_folds = found.best_params, found.cv_score, found.seconds, found.folds
         prog.done()
     prog.step(f"{name} on {set_label.split(' ')[0]}: fit + test")
     est, fit_s = fit_head(name, s_tr.X, s_tr.y, params, seed, warn)
@@ -587,7 +452,7 @@ def _head_row(set_kind, set_label, name, s_tr: Split, s_te: Split, k, search, fo
         "features": set_kind,
         "feature_label": set_label,
         "head": name,
-        "params": {key: _plain(v) for key, v in params.items()},
+        "params": {key: plain(v) for key, v in params.items()},
         "effective_params": _json_params(est),
         "cv": {"accuracy": cv_score, "folds": n_folds} if search else None,
         "n_train": int(len(s_tr.y)),

@@ -64,16 +64,6 @@ def collect_warnings(into: list | None):
                 into.append(msg)
 
 
-def check_classes(y, where: str):
-    """Refuse training rows with fewer than two classes (one line naming ``where``)."""
-    present = np.unique(y)
-    if len(present) == 0:
-        raise TlfxError(f"{where} has no labeled rows; training needs labeled features")
-    if len(present) < 2:
-        raise TlfxError(f"{where} has only one class (label {int(present[0])}) among its labeled rows; a classifier "
-                        f"needs at least 2 classes")
-
-
 def cv_folds(y, cv: int) -> int:
     """The number of stratified folds ``--search`` can use: ``cv``, or fewer when the smallest class is small."""
     counts = np.bincount(np.asarray(y, dtype=np.int64))
