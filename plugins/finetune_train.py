@@ -250,7 +250,7 @@ def train_batches(items: AugmentedImages, pre: Preprocess, batch_size: int, work
     return DataLoader(items, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(shuffle_seed),
                       num_workers=workers, collate_fn=functools.partial(collate, pre=pre),
                       pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
-                      worker_init_fn=worker_init if workers else None, drop_last=False)
+                      worker_init_fn=worker_init, drop_last=False)
 
 
 def eval_batches(ds: ImageDataset, indices, pre: Preprocess, batch_size: int = 64, workers: int | None = None,
