@@ -85,7 +85,8 @@ class FinetuneModel(Model):
         return Preprocess(p["resize"], p["crop"], tuple(p["mean"]), tuple(p["std"]), p.get("interpolation", "bilinear"))
 
     def _run(self, ds, indices, batch_size=64, workers=None):
-        from plugins.finetune_train import ImageItems, Normalizer, make_loader, predict_proba
+        from plugins.finetune_train import eval_batches, predict_proba
+        from tlfx.pipeline import Normalizer
         from tlfx.runtime import default_workers, resolve_precision
 
         if self._fast_net is None:  # inference only: batch norms folded into the convolutions
@@ -95,10 +96,10 @@ class FinetuneModel(Model):
         net = self._fast_net
         pre = self._preprocess()
         workers = default_workers() if workers is None else workers
-        loader = make_loader(ImageItems(ds, indices, pre), batch_size, workers if len(indices) > 256 else 0,
-                             device=self._device)
+        indices = list(indices)
+        batches = eval_batches(ds, indices, pre, batch_size, workers if len(indices) > 256 else 0, self._device)
         precision = resolve_precision("auto", self._device)
-        return predict_proba(net, loader, Normalizer(pre, self._device), self._device, precision, len(self.class_names))
+        return predict_proba(net, batches, Normalizer(pre, self._device), self._device, precision, len(self.class_names))
 
     def predict_proba_images(self, paths: list[str]):
         """Probabilities for image files: ``(proba [n_ok, n_classes], ok_paths, [(path, reason)])``."""

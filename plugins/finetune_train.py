@@ -9,11 +9,12 @@ epoch. The result is a :class:`plugins.finetune.FinetuneModel` file.
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 import sys
 import time
-from dataclasses import asdict
+from dataclasses import asdict, dataclass, field
 
 import numpy as np
 import torch
@@ -34,25 +35,15 @@ from plugins.finetune_config import (  # noqa: F401  (re-exported)
     parse_unfreeze,
 )
 from tlfx import __version__
-from tlfx.backbone import Backbone, create_backbone
+from tlfx.backbone import Backbone, create_backbone, pool
 from tlfx.datasets import ImageDataset, load_dataset
 from tlfx.errors import TlfxError
-from tlfx.images import BadImage, preprocess_image
+from tlfx.pipeline import DecodedImages, Normalizer, collate, image_batches
 from tlfx.preprocess import Preprocess
-from tlfx.runtime import autocast, default_workers, pick_device, resolve_precision
+from tlfx.runtime import autocast, default_workers, pick_device, resolve_precision, worker_init
 
 
 # ------------------------------------------------------------------------------------------------ network
-def _pool(t: torch.Tensor) -> torch.Tensor:
-    if isinstance(t, (tuple, list)):
-        t = t[0]
-    if t.dim() == 4:
-        return t.mean((2, 3))
-    if t.dim() == 3:
-        return t.mean(1)
-    return t.flatten(1)
-
-
 class FinetuneNet(nn.Module):
     """A backbone module with a new classification layer.
 
@@ -79,7 +70,7 @@ class FinetuneNet(nn.Module):
     def forward(self, x):
         out = self.body(x)
         if self.head is not None:
-            out = self.head(_pool(out).float())
+            out = self.head(pool(out).float())
         return out
 
 
@@ -88,7 +79,7 @@ def probe_dim(module: nn.Module, size: int) -> int:
     was = module.training
     module.eval()
     with torch.no_grad():
-        d = _pool(module(torch.zeros(1, 3, size, size))).shape[1]
+        d = pool(module(torch.zeros(1, 3, size, size))).shape[1]
     module.train(was)
     return int(d)
 
@@ -225,84 +216,63 @@ def _train_transform(pre: Preprocess, augment: list[str]):
     return T.Compose(ops)
 
 
-class ImageItems(Dataset):
-    """Item ``k`` -> (uint8 CHW tensor or None, label, dataset index, reason). Training items are augmented.
+class AugmentedImages(Dataset):
+    """Training item ``k`` -> ``(dataset index, uint8 HWC array | None, reason)``, the shared pipeline's item.
 
-    The resize is the evaluation transform's (Pillow, :func:`tlfx.images.preprocess_image`) so training and
-    evaluation see images at the same scale; augmentation (torchvision v2) crops, flips, rotates from there.
+    The image is decoded and resized by :class:`tlfx.pipeline.DecodedImages` (the evaluation's Pillow resize, to
+    ``resize`` x ``resize``) so training and evaluation see images at the same scale; augmentation (torchvision
+    v2) crops, flips, rotates from there to ``crop``. An unreadable file is a skip, never the end of a run.
     """
 
-    def __init__(self, ds: ImageDataset, indices, pre: Preprocess, augment: list[str] | None = None):
-        self.ds, self.indices, self.pre = ds, list(indices), pre
-        self.train = augment is not None
-        if self.train:
-            self.base = Preprocess(pre.resize, pre.resize, pre.mean, pre.std, pre.interpolation)
-            self.tf = _train_transform(pre, augment)
+    def __init__(self, ds: ImageDataset, indices, pre: Preprocess, augment: list[str]):
+        self.indices = list(indices)
+        base = Preprocess(pre.resize, pre.resize, pre.mean, pre.std, pre.interpolation)
+        self.decoded = DecodedImages(ds, base, batch_resize=False)
+        self.tf = _train_transform(pre, augment)
 
     def __len__(self):
         return len(self.indices)
 
     def __getitem__(self, k):
-        i = int(self.indices[k])
-        label = int(self.ds.labels[i]) if len(self.ds.labels) else -1
+        i, a, reason = self.decoded[int(self.indices[k])]
+        if a is None:
+            return i, None, reason
         try:
-            img = self.ds.load(i, target=self.pre.resize)
-            if self.train:
-                x = self.tf(torch.tensor(preprocess_image(img, self.base)).permute(2, 0, 1).contiguous())
-            else:
-                x = torch.tensor(preprocess_image(img, self.pre)).permute(2, 0, 1).contiguous()
-            return x, label, i, ""
-        except BadImage as exc:
-            return None, label, i, str(exc)
-        except Exception as exc:  # one unreadable file is a skip, not the end of an hour-long run
-            return None, label, i, f"{type(exc).__name__}: {exc}"[:200]
+            x = self.tf(torch.tensor(a).permute(2, 0, 1).contiguous())
+            return i, x.permute(1, 2, 0).numpy(), ""
+        except Exception as exc:  # one file the augmentation cannot take is a skip, not the end of the run
+            return i, None, f"{type(exc).__name__}: {exc}"[:200]
 
 
-def collate(items):
-    good = [it for it in items if it[0] is not None]
-    bad = [(i, r) for x, _, i, r in items if x is None]
-    if not good:
-        return None, None, [], bad
-    x = torch.stack([it[0] for it in good])
-    y = torch.tensor([it[1] for it in good], dtype=torch.long)
-    return x, y, [it[2] for it in good], bad
+def train_batches(items: AugmentedImages, pre: Preprocess, batch_size: int, workers: int, shuffle_seed: int,
+                  device: torch.device):
+    """Shuffled training batches in the shared pipeline's format: ``(indices, good indices, uint8 NHWC, bad)``."""
+    return DataLoader(items, batch_size=batch_size, shuffle=True, generator=torch.Generator().manual_seed(shuffle_seed),
+                      num_workers=workers, collate_fn=functools.partial(collate, pre=pre),
+                      pin_memory=device.type == "cuda", prefetch_factor=4 if workers else None,
+                      worker_init_fn=worker_init, drop_last=False)
 
 
-def make_loader(items: Dataset, batch_size: int, workers: int, shuffle_seed: int | None = None, device=None):
-    gen = None
-    if shuffle_seed is not None:
-        gen = torch.Generator().manual_seed(shuffle_seed)
-    return DataLoader(items, batch_size=batch_size, shuffle=shuffle_seed is not None, generator=gen,
-                      num_workers=workers, collate_fn=collate, pin_memory=bool(device and device.type == "cuda"),
-                      prefetch_factor=4 if workers else None, drop_last=False)
+def eval_batches(ds: ImageDataset, indices, pre: Preprocess, batch_size: int = 64, workers: int | None = None,
+                 device: torch.device | None = None):
+    """Evaluation batches: extraction's own (:func:`tlfx.pipeline.image_batches`), the same pixels, in order."""
+    indices = [int(i) for i in indices]
+    return image_batches(ds, indices, pre, batch_size, workers, pin=bool(device is not None and device.type == "cuda"))
 
 
-class Normalizer:
-    """uint8 NCHW batch -> normalised float, channels_last, on the device."""
-
-    def __init__(self, pre: Preprocess, device: torch.device):
-        self.device = device
-        self.mean = torch.tensor(pre.mean, device=device).view(1, 3, 1, 1) * 255.0
-        self.std = torch.tensor(pre.std, device=device).view(1, 3, 1, 1) * 255.0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        x = x.to(self.device, non_blocking=True).float()
-        return ((x - self.mean) / self.std).contiguous(memory_format=torch.channels_last)
-
-
-def predict_proba(net: nn.Module, loader, norm: Normalizer, device, precision: str, n_classes: int):
+def predict_proba(net: nn.Module, batches, norm: Normalizer, device, precision: str, n_classes: int):
     """Softmax probabilities for every readable item: (proba [n, k], dataset indices, [(index, reason)])."""
     net.eval()
     probs, idx, bad = [], [], []
     with torch.inference_mode():
-        for x, _, ids, skipped in loader:
+        for _, good, arr, skipped in batches:
             bad += skipped
-            if x is None:
+            if arr is None:
                 continue
             with autocast(device, precision):
-                logits = net(norm(x))
+                logits = net(norm(arr))
             probs.append(torch.softmax(logits.float(), 1).cpu().numpy())
-            idx += ids
+            idx += good
     proba = np.concatenate(probs) if probs else np.zeros((0, n_classes), np.float32)
     return proba, idx, bad
 
@@ -384,49 +354,95 @@ class _Log:
             print(msg, file=sys.stderr, flush=True)
 
 
-def finetune(out: str, config: FinetuneConfig | None = None, *, restart: bool = False, quiet: bool = True,
-             progress: bool = False, stop_after: int | None = None, log_every: float = 60.0, **options):
-    """Fine-tune ``config.backbone`` on ``config.data`` and write a finetune model file to ``out``.
+@dataclass
+class _Data:
+    """What a fine-tune reads: the dataset, its preprocessing, the train / validation split, the training items."""
 
-    >>> finetune("ft.tlfx", backbone="efficientnet_lite0", data="fashion-mnist", limit=5000, epochs=2,
-    ...          image_size=64, unfreeze="last:2")
+    ds: ImageDataset
+    pre: Preprocess
+    n_classes: int
+    tr_idx: np.ndarray
+    va_idx: np.ndarray
+    train_items: AugmentedImages
+    workers: int
+    augment: list[str]
 
-    Resumes from ``out + '.ckpt'`` when it exists (same configuration; ``epochs`` may grow); ``restart`` ignores
-    it. ``stop_after`` ends the run after that many epochs in this call, as a kill would (tests, time boxes).
-    Returns the :class:`plugins.finetune.FinetuneModel`.
-    """
-    from plugins.finetune import FinetuneModel
 
+@dataclass
+class _Training:
+    """The network and what trains it, on its device."""
+
+    net: FinetuneNet
+    opt: torch.optim.Optimizer
+    scaler: torch.amp.GradScaler
+    criterion: nn.Module
+    sched: Schedule
+    norm: Normalizer
+    device: torch.device
+    precision: str
+    trainable: int
+    total_params: int
+
+
+@dataclass
+class _Progress:
+    """What the checkpoint carries from one epoch to the next (and from a killed run to its resumption)."""
+
+    epochs_done: int = 0
+    history: list = field(default_factory=list)
+    best: dict = field(default_factory=lambda: {"epoch": 0, "val_accuracy": None})
+    best_state: dict | None = None  # None: the current weights are the best
+    prev_state: dict | None = None  # the weights of the last checkpoint
+    train_seconds: float = 0.0
+    stopped: bool = False
+    skipped: dict = field(default_factory=dict)
+
+
+def _config(config: FinetuneConfig | None, options: dict) -> FinetuneConfig:
     cfg = config or FinetuneConfig(**options)
     if config is not None and options:
         cfg = FinetuneConfig(**{**asdict(config), **options})
-    cfg.validate()
-    log = _Log(quiet)
+    return cfg.validate()
+
+
+def _check_out(out: str):
     out_dir = os.path.dirname(os.path.abspath(out))
     if not os.path.isdir(out_dir):
         raise TlfxError(f"--out {out!r}: directory {out_dir!r} does not exist; create it first")
     if not os.access(out_dir, os.W_OK):
         raise TlfxError(f"--out {out!r}: directory {out_dir!r} is not writable; choose another path")
-    ckpt_path = out + ".ckpt"
 
+
+def _load_labelled(cfg: FinetuneConfig) -> tuple[ImageDataset, np.ndarray]:
     ds = load_dataset(cfg.data, split=cfg.split, root=cfg.root, limit=cfg.limit)
-    k = len(ds.class_names)
     labeled = np.flatnonzero(ds.labels >= 0)
     if len(np.unique(ds.labels[labeled])) < 2:
         raise TlfxError(f"dataset {cfg.data!r} has fewer than 2 labelled classes; fine-tuning needs at least 2")
+    return ds, labeled
+
+
+def _load_backbone(cfg: FinetuneConfig) -> Backbone:
     bb = create_backbone(cfg.backbone, cfg.weights)
     if not any(True for _ in bb.module.parameters()):
         raise TlfxError(f"backbone {cfg.backbone!r} has no trainable parameters; fine-tune a network backbone")
-    pre = bb.preprocess.with_image_size(cfg.image_size)
-    size = pre.crop
+    return bb
+
+
+def _setup_data(cfg: FinetuneConfig, ds: ImageDataset, labeled: np.ndarray, pre: Preprocess) -> _Data:
+    """The seeded train / validation split and the augmented training items."""
+    augment = parse_augment(cfg.augment)
+    tr_idx, va_idx = split_train_val(ds.labels, labeled, cfg.val_fraction, cfg.seed)
+    workers = default_workers() if cfg.workers is None else cfg.workers
+    return _Data(ds, pre, len(ds.class_names), tr_idx, va_idx, AugmentedImages(ds, tr_idx, pre, augment), workers,
+                 augment)
+
+
+def _setup_training(cfg: FinetuneConfig, bb: Backbone, data: _Data) -> _Training:
+    """The network with its new layer, the parameter groups ``--unfreeze`` chooses, optimizer and schedule."""
     device = pick_device(cfg.device)
     precision = resolve_precision(cfg.precision, device)
-    workers = default_workers() if cfg.workers is None else cfg.workers
-    augment = parse_augment(cfg.augment)
-
     torch.manual_seed(cfg.seed)
-    net = build_network(bb, k, size)
-    key = resume_key(cfg, bb.weights.sha256)
+    net = build_network(bb, data.n_classes, data.pre.crop)
     groups = param_groups(net, bb.stages, cfg.unfreeze, cfg.resolved_lr, cfg.lr_decay, cfg.resolved_weight_decay)
     trainable = sum(p.numel() for g in groups for p in g["params"])
     total_params = sum(p.numel() for p in net.parameters())
@@ -438,176 +454,242 @@ def finetune(out: str, config: FinetuneConfig | None = None, *, restart: bool = 
                               weight_decay=cfg.resolved_weight_decay)
     scaler = torch.amp.GradScaler(device.type, enabled=(precision == "fp16" and device.type == "cuda"))
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing)
+    sched = Schedule(cfg.schedule, math.ceil(len(data.tr_idx) / cfg.batch_size) * cfg.epochs)
+    return _Training(net, opt, scaler, criterion, sched, Normalizer(data.pre, device), device, precision, trainable,
+                     total_params)
 
-    tr_idx, va_idx = split_train_val(ds.labels, labeled, cfg.val_fraction, cfg.seed)
-    train_items = ImageItems(ds, tr_idx, pre, augment)
-    val_loader = make_loader(ImageItems(ds, va_idx, pre), max(cfg.batch_size, 64), workers, device=device) \
-        if len(va_idx) else None
-    steps_per_epoch = math.ceil(len(tr_idx) / cfg.batch_size)
-    sched = Schedule(cfg.schedule, steps_per_epoch * cfg.epochs)
-    norm = Normalizer(pre, device)
 
-    start_epoch, history, best, train_seconds, stopped, skipped = 0, [], {"epoch": 0, "val_accuracy": None}, 0.0, False, {}
-    best_state = prev_state = None
-    if os.path.exists(ckpt_path) and not restart:
-        ck = load_checkpoint(ckpt_path)
-        _check_resume(ck, key, ckpt_path)
-        net.load_state_dict(ck["model"])
-        opt.load_state_dict(ck["optimizer"])
-        for g in opt.param_groups:  # the schedule owns the learning rates; keep the groups' targets current
-            g["max_lr"] = cfg.resolved_lr * g["lr_mult"]
-        sched.step = int(ck["schedule"]["step"])
-        if "scaler" in ck and scaler.is_enabled():
-            scaler.load_state_dict(ck["scaler"])
-        torch.set_rng_state(ck["rng"]["torch"])
-        start_epoch, history, train_seconds = int(ck["epoch"]), list(ck["history"]), float(ck["train_seconds"])
-        best = dict(ck["best"])
-        best_state = ck.get("best_state")
-        prev_state = ck["model"]
-        stopped = bool(ck.get("stopped"))
-        skipped = dict(ck.get("skipped") or {})
-        log(f"resuming from {ckpt_path}: {start_epoch} epoch(s) done"
-            + (f", early-stopped at epoch {start_epoch}" if stopped else ""))
-    log(f"fine-tuning {cfg.backbone} ({cfg.unfreeze}: {trainable:,} of {total_params:,} parameters trainable) on "
-        f"{len(tr_idx)} train / {len(va_idx)} val images of {cfg.data}, {size} px, {precision} on {device}")
+def _resume(ckpt_path: str, key: dict, cfg: FinetuneConfig, tr: _Training, log: _Log) -> _Progress:
+    """Load the checkpoint into the network, optimizer, schedule and RNG; what it says was done so far."""
+    ck = load_checkpoint(ckpt_path)
+    _check_resume(ck, key, ckpt_path)
+    tr.net.load_state_dict(ck["model"])
+    tr.opt.load_state_dict(ck["optimizer"])
+    for g in tr.opt.param_groups:  # the schedule owns the learning rates; keep the groups' targets current
+        g["max_lr"] = cfg.resolved_lr * g["lr_mult"]
+    tr.sched.step = int(ck["schedule"]["step"])
+    if "scaler" in ck and tr.scaler.is_enabled():
+        tr.scaler.load_state_dict(ck["scaler"])
+    torch.set_rng_state(ck["rng"]["torch"])
+    st = _Progress(int(ck["epoch"]), list(ck["history"]), dict(ck["best"]), ck.get("best_state"), ck["model"],
+                   float(ck["train_seconds"]), bool(ck.get("stopped")), dict(ck.get("skipped") or {}))
+    log(f"resuming from {ckpt_path}: {st.epochs_done} epoch(s) done"
+        + (f", early-stopped at epoch {st.epochs_done}" if st.stopped else ""))
+    return st
 
-    epochs_this_call = 0
-    for epoch in range(start_epoch, cfg.epochs):
-        if stopped or (stop_after is not None and epochs_this_call >= stop_after):
-            break
-        set_train_mode(net)
-        loader = make_loader(train_items, cfg.batch_size, workers, shuffle_seed=cfg.seed * 100003 + epoch, device=device)
-        t0 = time.perf_counter()
-        seen, loss_sum, correct, last_line = 0, 0.0, 0, 0.0
-        bar = None
-        if progress:
-            from tlfx.progress import progress_bar
 
-            bar = progress_bar(total=len(tr_idx), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
-                       leave=False, dynamic_ncols=True)
-        try:
-            for x, y, _ids, bad in loader:
-                for i, reason in bad:
-                    skipped[str(ds.ids[i])] = reason
-                if x is None:
-                    continue
-                sched.apply(opt)
-                xb, yb = norm(x), y.to(device, non_blocking=True)
-                with autocast(device, precision):
-                    logits = net(xb)
-                loss = criterion(logits.float(), yb)
-                opt.zero_grad(set_to_none=True)
-                scaler.scale(loss).backward()
-                scaler.step(opt)
-                scaler.update()
-                sched.step += 1
-                n = len(yb)
-                seen += n
-                loss_sum += float(loss.detach()) * n
-                correct += int((logits.detach().argmax(1) == yb).sum())
-                el = time.perf_counter() - t0
-                if bar is not None:
-                    bar.update(n + len(bad))
-                    bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{seen / el:.0f}")
-                elif el - last_line >= log_every:  # no terminal: a plain progress line now and then
-                    last_line = el
-                    log(f"epoch {epoch + 1}/{cfg.epochs}  {seen}/{len(tr_idx)} img  loss {loss_sum / seen:.4f}  "
-                        f"acc {correct / seen:.4f}  {seen / el:.0f} img/s")
-        finally:
+def _train_step(tr: _Training, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """One optimizer step on a uint8 NHWC batch; returns (loss, correct predictions)."""
+    tr.sched.apply(tr.opt)
+    xb, yb = tr.norm(x), y.to(tr.device, non_blocking=True)
+    with autocast(tr.device, tr.precision):
+        logits = tr.net(xb)
+    loss = tr.criterion(logits.float(), yb)
+    tr.opt.zero_grad(set_to_none=True)
+    tr.scaler.scale(loss).backward()
+    tr.scaler.step(tr.opt)
+    tr.scaler.update()
+    tr.sched.step += 1
+    return float(loss.detach()), int((logits.detach().argmax(1) == yb).sum())
+
+
+def _train_epoch(cfg: FinetuneConfig, data: _Data, tr: _Training, epoch: int, skipped: dict, progress: bool,
+                 log: _Log, log_every: float) -> dict:
+    """One pass over the training images; unreadable ones go to ``skipped``. Returns the epoch's training record."""
+    set_train_mode(tr.net)
+    loader = train_batches(data.train_items, data.pre, cfg.batch_size, data.workers, cfg.seed * 100003 + epoch,
+                           tr.device)
+    t0 = time.perf_counter()
+    seen, loss_sum, correct, last_line = 0, 0.0, 0, 0.0
+    bar = None
+    if progress:
+        from tlfx.progress import progress_bar
+
+        bar = progress_bar(total=len(data.tr_idx), unit="img", desc=f"epoch {epoch + 1}/{cfg.epochs}", file=sys.stderr,
+                           leave=False, dynamic_ncols=True)
+    try:
+        for _, good, x, bad in loader:
+            for i, reason in bad:
+                skipped[str(data.ds.ids[i])] = reason
+            if x is None:
+                continue
+            y = torch.as_tensor(data.ds.labels[np.asarray(good, dtype=np.int64)], dtype=torch.long)
+            loss, right = _train_step(tr, x, y)
+            n = len(y)
+            seen += n
+            loss_sum += loss * n
+            correct += right
+            el = time.perf_counter() - t0
             if bar is not None:
-                bar.close()
-        if not seen:
-            raise TlfxError(f"no training image of {cfg.data!r} could be read ({len(skipped)} skipped, e.g. "
-                            f"{next(iter(skipped.items()), ('', ''))}); check the data")
-        train_time = time.perf_counter() - t0
-        rec = {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
-               "train_seconds": train_time, "images_per_s": seen / train_time, "lr": opt.param_groups[-1]["lr"]}
-        if val_loader is not None:
-            tv = time.perf_counter()
-            proba, vidx, vbad = predict_proba(net, val_loader, norm, device, precision, k)
-            for i, reason in vbad:
-                skipped[str(ds.ids[i])] = reason
-            vy = ds.labels[np.asarray(vidx, dtype=np.int64)] if vidx else np.zeros(0, np.int64)
-            rec["val_accuracy"] = float((proba.argmax(1) == vy).mean()) if len(vy) else 0.0
-            rec["val_loss"] = float(-np.log(np.clip(proba[np.arange(len(vy)), vy], 1e-12, 1)).mean()) if len(vy) else 0.0
-            rec["val_seconds"] = time.perf_counter() - tv
-        train_seconds += time.perf_counter() - t0
-        history.append(rec)
-        improved = val_loader is None or best["val_accuracy"] is None or rec["val_accuracy"] > best["val_accuracy"]
-        if improved:
-            best = {"epoch": epoch + 1, "val_accuracy": rec.get("val_accuracy")}
-            best_state = None  # the current weights are the best: stored once, as "model"
-        elif best_state is None:
-            best_state = prev_state  # the weights of the last checkpoint, the best so far
-        if (val_loader is not None and cfg.patience and epoch + 1 - best["epoch"] >= cfg.patience
-                and epoch + 1 < cfg.epochs):
-            stopped = True
-        line = (f"epoch {epoch + 1}/{cfg.epochs}  loss {rec['train_loss']:.4f}  acc {rec['train_accuracy']:.4f}  "
-                f"{rec['images_per_s']:.0f} img/s  {train_time:.1f} s")
-        if "val_accuracy" in rec:
-            line += f"  | val loss {rec['val_loss']:.4f}  acc {rec['val_accuracy']:.4f}" + ("  *" if improved else "")
-        if stopped:
-            line += f"  | early stop: no val improvement for {cfg.patience} epoch(s)"
-        log(line)
-        state = {k_: v.detach().to("cpu", copy=True) for k_, v in net.state_dict().items()}
-        save_checkpoint(ckpt_path, {
-            "format": CKPT_FORMAT, "key": key, "epoch": epoch + 1, "model": state, "optimizer": opt.state_dict(),
-            "schedule": sched.state_dict(), "scaler": scaler.state_dict() if scaler.is_enabled() else {},
-            "rng": {"torch": torch.get_rng_state()}, "history": history, "best": best, "best_state": best_state,
-            "train_seconds": train_seconds, "stopped": stopped, "skipped": skipped, "tlfx_version": __version__,
-        })
-        prev_state = state
-        epochs_this_call += 1
+                bar.update(n + len(bad))
+                bar.set_postfix(loss=f"{loss_sum / seen:.3f}", acc=f"{correct / seen:.3f}", ips=f"{seen / el:.0f}")
+            elif el - last_line >= log_every:  # no terminal: a plain progress line now and then
+                last_line = el
+                log(f"epoch {epoch + 1}/{cfg.epochs}  {seen}/{len(data.tr_idx)} img  loss {loss_sum / seen:.4f}  "
+                    f"acc {correct / seen:.4f}  {seen / el:.0f} img/s")
+    finally:
+        if bar is not None:
+            bar.close()
+    if not seen:
+        raise TlfxError(f"no training image of {cfg.data!r} could be read ({len(skipped)} skipped, e.g. "
+                        f"{next(iter(skipped.items()), ('', ''))}); check the data")
+    train_time = time.perf_counter() - t0
+    return {"epoch": epoch + 1, "train_loss": loss_sum / seen, "train_accuracy": correct / seen,
+            "train_seconds": train_time, "images_per_s": seen / train_time, "lr": tr.opt.param_groups[-1]["lr"]}
 
-    done = len(history)
-    if done < cfg.epochs and not stopped:
-        log(f"stopped after epoch {done} of {cfg.epochs}; run the same command again to resume")
-        return None
-    final = best_state if best_state is not None else {k_: v.detach().cpu() for k_, v in net.state_dict().items()}
-    ips = [h["images_per_s"] for h in history]
-    meta = {
+
+def _validate(cfg: FinetuneConfig, data: _Data, tr: _Training, skipped: dict) -> dict:
+    """Accuracy and loss on the held-out images, read exactly as extraction reads them."""
+    tv = time.perf_counter()
+    batches = eval_batches(data.ds, data.va_idx, data.pre, max(cfg.batch_size, 64), data.workers, tr.device)
+    proba, vidx, vbad = predict_proba(tr.net, batches, tr.norm, tr.device, tr.precision, data.n_classes)
+    for i, reason in vbad:
+        skipped[str(data.ds.ids[i])] = reason
+    vy = data.ds.labels[np.asarray(vidx, dtype=np.int64)] if vidx else np.zeros(0, np.int64)
+    return {"val_accuracy": float((proba.argmax(1) == vy).mean()) if len(vy) else 0.0,
+            "val_loss": float(-np.log(np.clip(proba[np.arange(len(vy)), vy], 1e-12, 1)).mean()) if len(vy) else 0.0,
+            "val_seconds": time.perf_counter() - tv}
+
+
+def _record_epoch(st: _Progress, rec: dict, cfg: FinetuneConfig, has_val: bool) -> bool:
+    """Add the epoch to the history, track the best weights and early stopping; returns whether it improved."""
+    epoch = rec["epoch"]
+    st.history.append(rec)
+    improved = not has_val or st.best["val_accuracy"] is None or rec["val_accuracy"] > st.best["val_accuracy"]
+    if improved:
+        st.best = {"epoch": epoch, "val_accuracy": rec.get("val_accuracy")}
+        st.best_state = None  # the current weights are the best: stored once, as "model"
+    elif st.best_state is None:
+        st.best_state = st.prev_state  # the weights of the last checkpoint, the best so far
+    if has_val and cfg.patience and epoch - st.best["epoch"] >= cfg.patience and epoch < cfg.epochs:
+        st.stopped = True
+    return improved
+
+
+def _epoch_line(rec: dict, cfg: FinetuneConfig, improved: bool, stopped: bool) -> str:
+    line = (f"epoch {rec['epoch']}/{cfg.epochs}  loss {rec['train_loss']:.4f}  acc {rec['train_accuracy']:.4f}  "
+            f"{rec['images_per_s']:.0f} img/s  {rec['train_seconds']:.1f} s")
+    if "val_accuracy" in rec:
+        line += f"  | val loss {rec['val_loss']:.4f}  acc {rec['val_accuracy']:.4f}" + ("  *" if improved else "")
+    if stopped:
+        line += f"  | early stop: no val improvement for {cfg.patience} epoch(s)"
+    return line
+
+
+def _checkpoint(ckpt_path: str, key: dict, tr: _Training, st: _Progress):
+    """Write the finished epoch atomically; its weights become ``prev_state``."""
+    state = {k: v.detach().to("cpu", copy=True) for k, v in tr.net.state_dict().items()}
+    save_checkpoint(ckpt_path, {
+        "format": CKPT_FORMAT, "key": key, "epoch": st.epochs_done, "model": state, "optimizer": tr.opt.state_dict(),
+        "schedule": tr.sched.state_dict(), "scaler": tr.scaler.state_dict() if tr.scaler.is_enabled() else {},
+        "rng": {"torch": torch.get_rng_state()}, "history": st.history, "best": st.best, "best_state": st.best_state,
+        "train_seconds": st.train_seconds, "stopped": st.stopped, "skipped": st.skipped, "tlfx_version": __version__,
+    })
+    st.prev_state = state
+
+
+def _run_epoch(cfg: FinetuneConfig, data: _Data, tr: _Training, st: _Progress, ckpt_path: str, key: dict,
+               progress: bool, log: _Log, log_every: float):
+    """Train one epoch, validate, log its line and checkpoint it."""
+    t0 = time.perf_counter()
+    rec = _train_epoch(cfg, data, tr, st.epochs_done, st.skipped, progress, log, log_every)
+    if len(data.va_idx):
+        rec.update(_validate(cfg, data, tr, st.skipped))
+    st.train_seconds += time.perf_counter() - t0
+    improved = _record_epoch(st, rec, cfg, bool(len(data.va_idx)))
+    log(_epoch_line(rec, cfg, improved, st.stopped))
+    st.epochs_done += 1
+    _checkpoint(ckpt_path, key, tr, st)
+
+
+def _model_meta(cfg: FinetuneConfig, bb: Backbone, data: _Data, tr: _Training, st: _Progress) -> dict:
+    """The model file's record: what was trained, on what, how, and how well."""
+    pre, ds = data.pre, data.ds
+    ips = [h["images_per_s"] for h in st.history]
+    return {
         "name": f"finetune-{cfg.backbone}",
         "head": "finetune",
         "backbone": cfg.backbone,
         "base_weights": {"name": bb.weights.name, "sha256": bb.weights.sha256},
-        "image_size": size,
+        "image_size": pre.crop,
         "preprocess": pre.to_dict(),
         "class_names": list(ds.class_names),
         "classifier": bb.classifier,
-        "head_path": net.head_path,
-        "head_in_features": int(net.head.in_features) if net.head is not None else None,
+        "head_path": tr.net.head_path,
+        "head_in_features": int(tr.net.head.in_features) if tr.net.head is not None else None,
         "unfreeze": cfg.unfreeze,
-        "epochs": done,
+        "epochs": len(st.history),
         "epochs_requested": cfg.epochs,
-        "early_stopped": stopped,
-        "best_epoch": best["epoch"],
-        "best_val_accuracy": best.get("val_accuracy"),
-        "train_seconds": train_seconds,
+        "early_stopped": st.stopped,
+        "best_epoch": st.best["epoch"],
+        "best_val_accuracy": st.best.get("val_accuracy"),
+        "train_seconds": st.train_seconds,
         "images_per_s": float(np.mean(ips)) if ips else None,
-        "n_train": int(len(tr_idx)),
-        "n_val": int(len(va_idx)),
-        "trainable_parameters": int(trainable),
-        "total_parameters": int(total_params),
-        "precision": precision,
-        "device": str(device),
-        "history": history,
-        "skipped": [[i, r] for i, r in sorted(skipped.items())][:1000],
-        "params": {"lr": cfg.resolved_lr, "optimizer": cfg.optimizer, "augment": ",".join(augment),
+        "n_train": int(len(data.tr_idx)),
+        "n_val": int(len(data.va_idx)),
+        "trainable_parameters": int(tr.trainable),
+        "total_parameters": int(tr.total_params),
+        "precision": tr.precision,
+        "device": str(tr.device),
+        "history": st.history,
+        "skipped": [[i, r] for i, r in sorted(st.skipped.items())][:1000],
+        "params": {"lr": cfg.resolved_lr, "optimizer": cfg.optimizer, "augment": ",".join(data.augment),
                    "batch_size": cfg.batch_size, "label_smoothing": cfg.label_smoothing, "schedule": cfg.schedule,
                    "lr_decay": cfg.lr_decay, "weight_decay": cfg.resolved_weight_decay, "val_fraction": cfg.val_fraction,
                    "patience": cfg.patience, "seed": cfg.seed, "unfreeze": cfg.unfreeze, "epochs": cfg.epochs},
         "data": {"spec": cfg.data, "split": ds.split, "root": ds.root or cfg.root, "limit": cfg.limit,
                  "fingerprint": ds.fingerprint()},
         "config": {"backbone": cfg.backbone, "weights": {"name": bb.weights.name, "sha256": bb.weights.sha256},
-                   "layers": ["finetune"], "pooling": None, "image_size": size, "preprocess": pre.to_dict(),
-                   "precision": precision},
+                   "layers": ["finetune"], "pooling": None, "image_size": pre.crop, "preprocess": pre.to_dict(),
+                   "precision": tr.precision},
         "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
         "tlfx_version": __version__,
     }
-    model = FinetuneModel(meta, final)
+
+
+def _final_model(out: str, cfg: FinetuneConfig, bb: Backbone, data: _Data, tr: _Training, st: _Progress, log: _Log):
+    """Write the model file with the best epoch's weights (the last ones without validation)."""
+    from plugins.finetune import FinetuneModel
+
+    final = st.best_state if st.best_state is not None else {k: v.detach().cpu() for k, v in tr.net.state_dict().items()}
+    model = FinetuneModel(_model_meta(cfg, bb, data, tr, st), final)
     model.save(out)
     model.path = out
-    best_txt = (f", best val accuracy {best['val_accuracy']:.4f} at epoch {best['epoch']}"
-                if best.get("val_accuracy") is not None else "")
-    log(f"done: {done} epoch(s) in {train_seconds:.1f} s{best_txt} -> {out}")
+    best_txt = (f", best val accuracy {st.best['val_accuracy']:.4f} at epoch {st.best['epoch']}"
+                if st.best.get("val_accuracy") is not None else "")
+    log(f"done: {len(st.history)} epoch(s) in {st.train_seconds:.1f} s{best_txt} -> {out}")
     return model
+
+
+def finetune(out: str, config: FinetuneConfig | None = None, *, restart: bool = False, quiet: bool = True,
+             progress: bool = False, stop_after: int | None = None, log_every: float = 60.0, **options):
+    """Fine-tune ``config.backbone`` on ``config.data`` and write a finetune model file to ``out``.
+
+    >>> finetune("ft.tlfx", backbone="efficientnet_lite0", data="fashion-mnist", limit=5000, epochs=2,
+    ...          image_size=64, unfreeze="last:2")
+
+    Resumes from ``out + '.ckpt'`` when it exists (same configuration; ``epochs`` may grow); ``restart`` ignores
+    it. ``stop_after`` ends the run after that many epochs in this call, as a kill would (tests, time boxes).
+    Returns the :class:`plugins.finetune.FinetuneModel`.
+    """
+    cfg = _config(config, options)
+    log = _Log(quiet)
+    _check_out(out)
+    ckpt_path = out + ".ckpt"
+    ds, labeled = _load_labelled(cfg)
+    bb = _load_backbone(cfg)
+    data = _setup_data(cfg, ds, labeled, bb.preprocess.with_image_size(cfg.image_size))
+    tr = _setup_training(cfg, bb, data)
+    key = resume_key(cfg, bb.weights.sha256)
+    st = _resume(ckpt_path, key, cfg, tr, log) if os.path.exists(ckpt_path) and not restart else _Progress()
+    log(f"fine-tuning {cfg.backbone} ({cfg.unfreeze}: {tr.trainable:,} of {tr.total_params:,} parameters trainable) "
+        f"on {len(data.tr_idx)} train / {len(data.va_idx)} val images of {cfg.data}, {data.pre.crop} px, "
+        f"{tr.precision} on {tr.device}")
+    epochs_this_call = 0
+    while st.epochs_done < cfg.epochs and not st.stopped and (stop_after is None or epochs_this_call < stop_after):
+        _run_epoch(cfg, data, tr, st, ckpt_path, key, progress, log, log_every)
+        epochs_this_call += 1
+    if len(st.history) < cfg.epochs and not st.stopped:
+        log(f"stopped after epoch {len(st.history)} of {cfg.epochs}; run the same command again to resume")
+        return None
+    return _final_model(out, cfg, bb, data, tr, st, log)

@@ -11,8 +11,9 @@ from PIL import Image
 
 from tlfx.backbone import Preprocess
 from tlfx.datasets import load_dataset
-from tlfx.extract import FeatureComputer, _collate, _Decoded, extract
+from tlfx.extract import FeatureComputer, extract
 from tlfx.images import _RESAMPLE, preprocess_image, resize_plan
+from tlfx.pipeline import DecodedImages, collate
 from tlfx.store import FeatureStore
 
 
@@ -39,11 +40,11 @@ def test_box_resize_gives_the_pixels_of_resize_then_crop(interpolation):
 def test_batched_torch_resize_matches_pillow_per_image(fashion_png_dir, interpolation):
     ds = load_dataset(f"imagefolder:{fashion_png_dir}", limit=60)
     pre = Preprocess(146, 128, interpolation=interpolation)
-    items = [_Decoded(ds, pre, batch_resize=True)[i] for i in range(len(ds))]
+    items = [DecodedImages(ds, pre, batch_resize=True)[i] for i in range(len(ds))]
     small = sum(a.shape[:2] != (128, 128) for _, a, _ in items)
     assert small >= 20  # the 28 px and 50x40 files really take the batched path
-    batched = _collate(items, pre)[2].numpy().astype(int)
-    plain = _collate([_Decoded(ds, pre, batch_resize=False)[i] for i in range(len(ds))], pre)[2].numpy().astype(int)
+    batched = collate(items, pre)[2].numpy().astype(int)
+    plain = collate([DecodedImages(ds, pre, batch_resize=False)[i] for i in range(len(ds))], pre)[2].numpy().astype(int)
     diff = np.abs(batched - plain)
     assert diff.max() <= 2  # Pillow resamples only the crop's box; torch the whole image, then crops
     assert diff.mean() < 0.05

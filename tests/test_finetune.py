@@ -24,17 +24,20 @@ import tlfx
 from plugins.finetune import FinetuneModel
 from plugins.finetune_config import FinetuneConfig
 from plugins.finetune_train import (
-    ImageItems,
+    AugmentedImages,
     Schedule,
     build_network,
-    collate,
+    eval_batches,
     finetune,
     load_checkpoint,
     param_groups,
 )
+from tlfx.backbone import Backbone
 from tlfx.datasets import FileDataset, load_dataset
 from tlfx.errors import TlfxError
-from tlfx.preprocess import Preprocess
+from tlfx.extract import FeatureComputer
+from tlfx.pipeline import collate
+from tlfx.preprocess import Preprocess, WeightsInfo
 
 # a few real optimisation steps: 96 training / 24 validation digits, 6 steps of 16 per epoch, last stage unfrozen
 KW = dict(data="digits", limit=120, image_size=32, epochs=2, unfreeze="last:1", augment="none", batch_size=16,
@@ -185,15 +188,37 @@ def test_schedules_shape_and_resume_from_a_step_count():
 def test_training_items_augment_and_skip_unreadable_files(tmp_path):
     ds_mem = load_dataset("digits", "train", limit=2)
     pre = Preprocess(37, 32, (0.5,) * 3, (0.5,) * 3, "bicubic")
-    items = ImageItems(ds_mem, [0, 1], pre, ["flip", "crop", "scale", "rotate", "color", "erase"])
-    x, y, i, reason = items[1]
-    assert x.shape == (3, 32, 32) and x.dtype == torch.uint8 and y == int(ds_mem.labels[1]) and i == 1 and not reason
+    items = AugmentedImages(ds_mem, [0, 1], pre, ["flip", "crop", "scale", "rotate", "color", "erase"])
+    i, x, reason = items[1]
+    assert x.shape == (32, 32, 3) and x.dtype == np.uint8 and i == 1 and not reason
     Image.fromarray(np.full((20, 30, 3), 200, np.uint8)).save(tmp_path / "ok.png")
     (tmp_path / "bad.jpg").write_bytes(b"\xff\xd8\xff\xe0 truncated")
     fds = FileDataset("x", None, str(tmp_path), ["ok.png", "bad.jpg"], [0, 1], ["a", "b"])
-    batch = collate([ImageItems(fds, [0, 1], pre, ["crop"])[k] for k in range(2)])
-    assert batch[0].shape == (1, 3, 32, 32) and batch[1].tolist() == [0] and batch[2] == [0]
-    assert batch[3][0][0] == 1 and batch[3][0][1]
+    idx, good, arr, bad = collate([AugmentedImages(fds, [0, 1], pre, ["crop"])[k] for k in range(2)], pre)
+    assert idx == [0, 1] and good == [0] and arr.shape == (1, 32, 32, 3) and arr.dtype == torch.uint8
+    assert bad[0][0] == 1 and bad[0][1]
+
+
+@pytest.mark.parametrize("interpolation,workers", [("bilinear", 0), ("bicubic", 0), ("bicubic", 1)])
+def test_evaluation_batches_are_extractions_pixels(tmp_path, interpolation, workers):
+    """The fine-tune's evaluation (validation, predict, evaluate) reads images as tlfx extract does: same uint8
+    pixels batch for batch, whether an image takes the batched torch upscale or Pillow's box resize."""
+    rng = np.random.default_rng(0)
+    names = []
+    for k, (w, h) in enumerate([(20, 30), (28, 28), (300, 200), (100, 120), (28, 28), (45, 40), (64, 64)]):
+        names.append(f"i{k}.png")
+        Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8)).save(tmp_path / names[-1])
+    names.insert(3, "broken.png")
+    (tmp_path / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n not really a png")
+    ds = FileDataset("x", None, str(tmp_path), names, [0] * len(names), ["a"])
+    pre = Preprocess(46, 40, interpolation=interpolation)
+    bb = Backbone("tiny", torch.nn.Conv2d(3, 4, 1), pre, WeightsInfo("none"))
+    ext = list(FeatureComputer(bb, device="cpu", precision="fp32").loader(ds, range(len(ds)), 3, workers))
+    ft = list(eval_batches(ds, np.arange(len(ds)), pre, 3, workers))
+    assert len(ext) == len(ft) == 3
+    for (i1, g1, a1, b1), (i2, g2, a2, b2) in zip(ext, ft):
+        assert i1 == i2 and g1 == g2 and b1 == b2 and a1.dtype == a2.dtype == torch.uint8 and torch.equal(a1, a2)
+    assert [i for _, _, _, b in ft for i, _ in b] == [3]
 
 
 @pytest.mark.parametrize("change,message", [

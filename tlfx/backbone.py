@@ -16,6 +16,19 @@ from .preprocess import Preprocess, WeightsInfo, file_sha256  # noqa: F401  (re-
 POOLINGS = ("avg", "max")
 
 
+def pool(t: torch.Tensor, pooling: str = "avg", prefix_tokens: int = 0) -> torch.Tensor:
+    """A layer's output -> ``[N, D]``: feature maps pooled over space, tokens (ViT-like) over the patch tokens
+    (after ``prefix_tokens`` class/register tokens), else flattened."""
+    if isinstance(t, (tuple, list)):
+        t = t[0]
+    if t.dim() == 4:
+        return t.amax((2, 3)) if pooling == "max" else t.mean((2, 3))
+    if t.dim() == 3:
+        t = t[:, prefix_tokens:]
+        return t.amax(1) if pooling == "max" else t.mean(1)
+    return t.flatten(1)
+
+
 @dataclass
 class Backbone:
     """A frozen feature extractor.
@@ -99,28 +112,15 @@ class FeatureExtractor(nn.Module):
 
         return hook
 
-    def _pool(self, t: torch.Tensor) -> torch.Tensor:
-        if isinstance(t, (tuple, list)):
-            t = t[0]
-        if t.dim() == 4:
-            return t.amax((2, 3)) if self.pooling == "max" else t.mean((2, 3))
-        if t.dim() == 3:  # tokens (ViT-like): pool the patch tokens, after the class/register tokens
-            t = t[:, self.backbone.extra.get("prefix_tokens", 0):]
-            return t.amax(1) if self.pooling == "max" else t.mean(1)
-        return t.flatten(1)
-
     def forward(self, x):
         self._outputs.clear()
         out = self.module(x)
         feats = []
         for name in self.layers:
             t = out if (name == "penultimate" and self.backbone.classifier is None) else self._outputs[name]
-            feats.append(self._pool(t).float())
+            feats.append(pool(t, self.pooling, self.backbone.extra.get("prefix_tokens", 0)).float())
         self._outputs.clear()
         return torch.cat(feats, 1) if len(feats) > 1 else feats[0]
-
-    def logits(self, x):
-        return self.module(x)
 
 
 def list_backbones() -> list[str]:

@@ -3,121 +3,27 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import os
 import queue
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset
 
-from .backbone import Backbone, FeatureExtractor, Preprocess, create_backbone
+from .backbone import Backbone, FeatureExtractor, create_backbone
 from .datasets import ImageDataset, load_dataset
 from .errors import TlfxError
 from .fold import fold_batchnorm as fold_bn
-from .images import BadImage, preprocess_image, resize_plan
-from .runtime import autocast, decode_threads, default_workers, pick_device, resolve_precision, tune_allocator, worker_init
+from .pipeline import Normalizer, image_batches
+from .runtime import autocast, pick_device, resolve_precision, tune_allocator
 from .safetext import terminal
 from .store import StoreWriter, covered_until, store_attrs_base
 
 DTYPES = ("float32", "float16")
 IMAGE_SIZES = (16, 2048)  # --image-size: smaller leaves no feature map; larger needs tens of GB per batch
 SHOWN_SKIPS = 5  # skipped items listed under extract's summary
-# resamplings that torch's uint8 antialiased interpolate reproduces (bilinear: exactly; bicubic: within 2 levels)
-_BATCH_RESIZE = ("bilinear", "bicubic")
-
-
-class _Decoded(Dataset):
-    """Decodes and preprocesses item ``i`` in a worker; a bad file becomes a recorded skip, never an exception.
-
-    An image smaller than the network's input (an upscale, e.g. 28 px Fashion-MNIST to 256) comes back at its own
-    size: :func:`_collate` resizes such images a whole batch at a time with torch, several times faster than Pillow
-    per image, to the same pixels.
-    """
-
-    def __init__(self, ds: ImageDataset, pre: Preprocess, batch_resize: bool = True):
-        self.ds, self.pre = ds, pre
-        self.batch_resize = batch_resize and pre.interpolation in _BATCH_RESIZE
-
-    def __len__(self):
-        return len(self.ds)
-
-    def __getitem__(self, i):
-        try:
-            img = self.ds.load(i, target=self.pre.resize)
-            if self.batch_resize and min(img.size) < self.pre.resize:
-                return i, np.asarray(img, dtype=np.uint8), ""
-            return i, preprocess_image(img, self.pre), ""
-        except BadImage as exc:
-            return i, None, str(exc)
-        except Exception as exc:  # any decoder failure is one skipped file, not the end of a long run
-            return i, None, f"{type(exc).__name__}: {exc}"[:200]
-
-
-def _batch_resize(arrays: list[np.ndarray], pre: Preprocess) -> torch.Tensor:
-    """Same-size uint8 HWC images -> resized and centre-cropped uint8 NHWC batch (torch, antialiased like Pillow)."""
-    h, w = arrays[0].shape[:2]
-    nw, nh, left, top = resize_plan(w, h, pre)
-    x = torch.from_numpy(np.stack(arrays)).permute(0, 3, 1, 2)  # channels_last view: torch's fast uint8 kernel
-    y = torch.nn.functional.interpolate(x, size=(nh, nw), mode=pre.interpolation, antialias=True)
-    return y[:, :, top:top + pre.crop, left:left + pre.crop].permute(0, 2, 3, 1)
-
-
-def _collate(items, pre: Preprocess | None = None):
-    """Items ``(index, uint8 HWC array | None, reason)`` -> ``(indices, good indices, uint8 NHWC batch | None, bad)``."""
-    idx = [i for i, a, _ in items]
-    good = [(i, a) for i, a, _ in items if a is not None]
-    bad = [(i, r) for i, a, r in items if a is None]
-    if not good:
-        return idx, [], None, bad
-    crop = pre.crop if pre is not None else good[0][1].shape[0]
-    if all(a.shape[:2] == (crop, crop) for _, a in good):
-        return idx, [i for i, _ in good], torch.from_numpy(np.stack([a for _, a in good])), bad
-    out = torch.empty((len(good), crop, crop, 3), dtype=torch.uint8)
-    groups: dict[tuple, list[int]] = {}
-    for k, (_, a) in enumerate(good):
-        if a.shape[:2] == (crop, crop):
-            out.numpy()[k] = a
-        else:
-            groups.setdefault(a.shape, []).append(k)
-    for ks in groups.values():
-        out[ks] = _batch_resize([good[k][1] for k in ks], pre)
-    return idx, [i for i, _ in good], out, bad
-
-
-class _ThreadedBatches:
-    """Batches decoded by a thread pool inside this process (Pillow and torch release the GIL while they work).
-
-    Used when there are no worker processes: decoding and the network take turns on all cores instead of
-    competing for them, and batches need no copy between processes.
-    """
-
-    def __init__(self, decoded: _Decoded, indices: list[int], batch_size: int, threads: int, pin: bool = False):
-        self.decoded, self.indices, self.batch_size, self.threads, self.pin = decoded, indices, batch_size, threads, pin
-        self._collate = functools.partial(_collate, pre=decoded.pre)
-
-    def collate(self, items):
-        idx, good, arr, bad = self._collate(items)
-        if self.pin and arr is not None:  # page-locked, so the copy to the GPU can run non-blocking
-            arr = arr.pin_memory()
-        return idx, good, arr, bad
-
-    def __len__(self):
-        return -(-len(self.indices) // self.batch_size)
-
-    def __iter__(self):
-        chunks = (self.indices[s:s + self.batch_size] for s in range(0, len(self.indices), self.batch_size))
-        if self.threads <= 1:
-            for chunk in chunks:
-                yield self.collate([self.decoded[i] for i in chunk])
-            return
-        with ThreadPoolExecutor(self.threads, thread_name_prefix="tlfx-decode") as pool:
-            for chunk in chunks:
-                yield self.collate(list(pool.map(self.decoded.__getitem__, chunk)))
 
 
 class FeatureComputer:
@@ -151,21 +57,17 @@ class FeatureComputer:
         # static shapes: one compilation, reused; a short last batch is padded to that shape (see __call__)
         self._forward = torch.compile(self.model, dynamic=False) if compile else self.model
         self._compiled_batch = 0
-        # (x / 255 - mean) / std == x * scale + bias, applied in place on the NHWC batch
-        mean, std = torch.tensor(self.pre.mean), torch.tensor(self.pre.std)
-        self.scale = (1.0 / (255.0 * std)).to(self.device)
-        self.bias = (-mean / std).to(self.device)
+        self.normalize = Normalizer(self.pre, self.device)
+        self.scale, self.bias = self.normalize.scale, self.normalize.bias  # x * scale + bias (benchmarks use them)
 
     def __call__(self, batch_uint8_nhwc: torch.Tensor) -> np.ndarray:
         """Features (float32 ``[N, D]``) of a uint8 ``[N, H, W, 3]`` batch already resized and cropped."""
         n = len(batch_uint8_nhwc)
-        x = batch_uint8_nhwc.to(self.device, non_blocking=True).float()
-        if self.compiled:
-            if n < self._compiled_batch:  # a short last batch would cost a whole new compilation
-                x = torch.cat([x, x.new_zeros((self._compiled_batch - n, *x.shape[1:]))])
+        rows = 0
+        if self.compiled:  # a short last batch is padded: another shape would cost a whole new compilation
+            rows = self._compiled_batch
             self._compiled_batch = max(self._compiled_batch, n)
-        x.mul_(self.scale).add_(self.bias)
-        x = x.permute(0, 3, 1, 2)  # NCHW view of NHWC memory: channels_last without a copy
+        x = self.normalize(batch_uint8_nhwc, rows)
         with torch.inference_mode(), autocast(self.device, self.precision):
             out = self._forward(x)
         return out[:n].float().cpu().numpy()
@@ -176,21 +78,7 @@ class FeatureComputer:
         ``workers``: decoding processes (default :func:`tlfx.runtime.default_workers`); 0 decodes on a thread pool
         in this process between batches.
         """
-        workers = default_workers() if workers is None else workers
-        decoded = _Decoded(ds, self.pre)
-        indices = list(indices)
-        if workers <= 0:
-            return _ThreadedBatches(decoded, indices, batch_size, decode_threads(), pin=self.device.type == "cuda")
-        return DataLoader(
-            torch.utils.data.Subset(decoded, indices),
-            batch_size=batch_size,
-            num_workers=workers,
-            collate_fn=functools.partial(_collate, pre=self.pre),
-            pin_memory=self.device.type == "cuda",
-            prefetch_factor=4,
-            worker_init_fn=worker_init,
-            persistent_workers=False,
-        )
+        return image_batches(ds, indices, self.pre, batch_size, workers, pin=self.device.type == "cuda")
 
 
 @dataclass
