@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
+from .config import POOLINGS
 from .errors import TlfxError
 from .plugins import registry
 from .preprocess import Preprocess, WeightsInfo, file_sha256  # noqa: F401  (re-exported)
-
-POOLINGS = ("avg", "max")
 
 
 def pool(t: torch.Tensor, pooling: str = "avg", prefix_tokens: int = 0) -> torch.Tensor:
@@ -260,7 +258,3 @@ def apply_state_dict(module: nn.Module, sd: dict, source: str):
     if parts:
         raise TlfxError(f"weights {source!r} do not fit this architecture: {'; '.join(parts)}")
     module.load_state_dict(sd)
-
-
-def dumps_config(cfg: dict) -> str:
-    return json.dumps(cfg, sort_keys=True)

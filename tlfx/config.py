@@ -73,3 +73,61 @@ def _show(v) -> str:
 
 
 FIELDS = tuple(f.name for f in fields(FeatureConfig))
+
+
+DTYPES = ("float32", "float16")
+POOLINGS = ("avg", "max")
+IMAGE_SIZES = (16, 2048)  # --image-size: smaller leaves no feature map; larger needs tens of GB per batch
+
+
+@dataclass
+class ExtractOptions:
+    """Every choice of one extraction run, validated once by :meth:`validate`.
+
+    ``tlfx extract`` builds it from its options, :func:`tlfx.extract` from its keywords, and the Ray engine sends
+    it to its workers as is. ``backbone`` and ``data`` may be objects (a Backbone, an ImageDataset) in the Python
+    API; ``layers`` a string (``penultimate``, ``multi``, ``a,b``) or a list of module names.
+    """
+
+    backbone: object = "efficientnet_lite0"
+    data: object = "digits"
+    out: str = "features.h5"
+    split: str | None = None
+    root: str | None = None
+    limit: int | None = None
+    layers: object = "penultimate"
+    pooling: str = "avg"
+    image_size: int | None = None
+    weights: str | None = None
+    batch_size: int = 64
+    workers: int | None = None
+    precision: str = "auto"
+    device: str | None = None
+    dtype: str = "float32"
+    part_size: int | None = None
+    overwrite: bool = False
+    strict: bool = False
+    compile: bool = False
+    progress: bool = False
+
+    def validate(self) -> ExtractOptions:
+        """One line naming the bad value and the valid range (exit 2 on the command line); returns self."""
+        from .errors import TlfxError
+
+        if self.dtype not in DTYPES:
+            raise TlfxError(f"unknown dtype {self.dtype!r}; valid choices: {', '.join(DTYPES)}")
+        if self.pooling not in POOLINGS:
+            raise TlfxError(f"unknown pooling {self.pooling!r}; valid choices: {', '.join(POOLINGS)}")
+        if self.batch_size < 1:
+            raise TlfxError(f"--batch-size must be at least 1, got {self.batch_size}")
+        if self.image_size is not None and not IMAGE_SIZES[0] <= self.image_size <= IMAGE_SIZES[1]:
+            raise TlfxError(f"--image-size must be {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} pixels, got {self.image_size}")
+        if self.part_size is not None and self.part_size < 1:
+            raise TlfxError(f"--part-size must be at least 1, got {self.part_size}")
+        if self.workers is not None and self.workers < 0:
+            raise TlfxError(f"--workers must be 0 or more, got {self.workers}")
+        return self
+
+    def options(self) -> dict:
+        """The fields as keywords (for :func:`tlfx.extract` and the engines)."""
+        return {f.name: getattr(self, f.name) for f in fields(self)}

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from .backbone import Backbone, FeatureExtractor, create_backbone
+from .config import DTYPES, IMAGE_SIZES, ExtractOptions  # noqa: F401  (DTYPES, IMAGE_SIZES: re-exported)
 from .datasets import ImageDataset, load_dataset
 from .errors import TlfxError
 from .fold import fold_batchnorm as fold_bn
@@ -21,8 +22,6 @@ from .runtime import autocast, pick_device, resolve_precision, tune_allocator
 from .safetext import terminal
 from .store import StoreWriter, covered_until, store_attrs_base
 
-DTYPES = ("float32", "float16")
-IMAGE_SIZES = (16, 2048)  # --image-size: smaller leaves no feature map; larger needs tens of GB per batch
 SHOWN_SKIPS = 5  # skipped items listed under extract's summary
 
 
@@ -164,51 +163,51 @@ class _PartWriter:
             raise self.error
 
 
-def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDataset = "digits", out: str = "features.h5",
-            *, split: str | None = None, root: str | None = None, limit: int | None = None,
-            layers="penultimate", pooling: str = "avg", image_size: int | None = None, weights: str | None = None,
-            batch_size: int = 64, workers: int | None = None, precision: str = "auto", device: str | None = None,
-            dtype: str = "float32", part_size: int | None = None, overwrite: bool = False, strict: bool = False,
-            compile: bool = False, progress: bool = False) -> ExtractResult:
+def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDataset = "digits",
+            out: str = "features.h5", **options) -> ExtractResult:
     """Run a frozen backbone over a dataset once and write an HDF5 FeatureStore at ``out``.
 
     >>> tlfx.extract("efficientnet_lite0", "fashion-mnist", "t.h5", split="test", limit=2000)
 
-    Resumes an incomplete store made with the same configuration; refuses a different one unless ``overwrite``.
+    ``options`` are the fields of :class:`tlfx.config.ExtractOptions` (split, root, limit, layers, pooling,
+    image_size, weights, batch_size, workers, precision, device, dtype, part_size, overwrite, strict, compile,
+    progress). Resumes an incomplete store made with the same configuration; refuses a different one unless
+    ``overwrite``.
     """
-    if dtype not in DTYPES:
-        raise TlfxError(f"unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)}")
-    if batch_size < 1:
-        raise TlfxError(f"--batch-size must be at least 1, got {batch_size}")
-    if image_size is not None and not IMAGE_SIZES[0] <= image_size <= IMAGE_SIZES[1]:
-        raise TlfxError(f"--image-size must be {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} pixels, got {image_size}")
-    ds = data if isinstance(data, ImageDataset) else load_dataset(data, split=split, root=root, limit=limit)
+    return run_extraction(ExtractOptions(backbone=backbone, data=data, out=out, **options))
+
+
+def run_extraction(opts: ExtractOptions) -> ExtractResult:
+    """The local engine: :func:`extract` for an :class:`~tlfx.config.ExtractOptions`."""
+    o = opts.validate()
+    ds = o.data if isinstance(o.data, ImageDataset) else load_dataset(o.data, split=o.split, root=o.root, limit=o.limit)
     listing_skips = list(getattr(ds, "listing_skips", None) or [])
-    if strict and listing_skips:
+    if o.strict and listing_skips:
         i, reason = listing_skips[0]
         raise TlfxError(f"cannot use '{terminal(i)}': {terminal(reason)} (--strict; {len(listing_skips)} found while "
                         f"listing the dataset); fix or remove it, then run again")
-    bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
-    computer = FeatureComputer(bb, layers, pooling, image_size, precision, device, compile)
-    part_size = part_size or max(batch_size, (2048 // batch_size) * batch_size)
-    attrs = store_attributes(ds, bb.config(computer.layers, pooling, image_size), computer.precision, dtype, root,
-                             limit, part_size)
+    bb = o.backbone if isinstance(o.backbone, Backbone) else create_backbone(o.backbone, o.weights)
+    computer = FeatureComputer(bb, o.layers, o.pooling, o.image_size, o.precision, o.device, o.compile)
+    part_size = o.part_size or max(o.batch_size, (2048 // o.batch_size) * o.batch_size)
+    attrs = store_attributes(ds, bb.config(computer.layers, o.pooling, o.image_size), computer.precision, o.dtype,
+                             o.root, o.limit, part_size)
     t0 = time.perf_counter()
-    with StoreWriter(out, attrs, overwrite=overwrite) as writer:
+    with StoreWriter(o.out, attrs, overwrite=o.overwrite) as writer:
         if writer.already_complete:
-            return ExtractResult.of_complete_store(out)
+            return ExtractResult.of_complete_store(o.out)
         part_size = int(writer.attrs.get("part_size", part_size))
         start = covered_until(writer.parts(), len(ds))
-        n_done, n_skipped, dim = _run(computer, ds, writer, start, part_size, batch_size, workers, strict, progress)
+        n_done, n_skipped, dim = _run(computer, ds, writer, start, part_size, o.batch_size, o.workers, o.strict,
+                                      o.progress)
         seconds = time.perf_counter() - t0
         stats = {"seconds": seconds, "images_per_s": n_done / seconds if seconds else 0.0,
                  "device": str(computer.device), "resumed_from": start, "torch": torch.__version__}
         writer.finalize(stats)
     from .store import FeatureStore
 
-    st = FeatureStore(out)
+    st = FeatureStore(o.out)
     skipped = st.skipped
-    return ExtractResult(out, len(st), int(st.attrs.get("dim", dim)), len(skipped), seconds,
+    return ExtractResult(o.out, len(st), int(st.attrs.get("dim", dim)), len(skipped), seconds,
                          n_done / seconds if seconds else 0.0, resumed_from=start, skipped_examples=skipped[:SHOWN_SKIPS])
 
 

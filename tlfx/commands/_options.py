@@ -2,9 +2,10 @@
 
 import click
 
+from ..config import IMAGE_SIZES, POOLINGS
+
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # tlfx.runtime.PRECISIONS, without importing torch
-# tlfx.extract.IMAGE_SIZES, without importing torch: refused before any work starts
-IMAGE_SIZE = click.IntRange(16, 2048)
+IMAGE_SIZE = click.IntRange(*IMAGE_SIZES)  # refused before any work starts
 
 
 def data_options(f):
@@ -23,7 +24,7 @@ def backbone_options(f):
                      help="Local state-dict file instead of the backbone's default pretrained weights.")(f)
     f = click.option("--image-size", type=IMAGE_SIZE, default=None, metavar="PX",
                      help="Input size in pixels, 16 to 2048 (default: the weights' own crop size).")(f)
-    f = click.option("--pooling", type=click.Choice(["avg", "max"]), default="avg", show_default=True,
+    f = click.option("--pooling", type=click.Choice(POOLINGS), default="avg", show_default=True,
                      help="Global pooling of each chosen layer.")(f)
     f = click.option("--layers", default="penultimate", show_default=True,
                      help="penultimate, multi (pooled last stages + penultimate), or comma-separated module names.")(f)

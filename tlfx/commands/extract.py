@@ -1,5 +1,6 @@
 import click
 
+from ..config import DTYPES, ExtractOptions
 from ._options import backbone_options, data_options, runtime_options
 
 
@@ -8,11 +9,11 @@ from ._options import backbone_options, data_options, runtime_options
 @data_options
 @runtime_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HDF5 store to write (or resume).")
-@click.option("--batch-size", type=int, default=64, show_default=True)
-@click.option("--workers", type=int, default=None, help="Decoding worker processes (default: cores - 1).")
-@click.option("--dtype", type=click.Choice(["float32", "float16"]), default="float32", show_default=True,
+@click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per network call.")
+@click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding worker processes (default: cores - 1).")
+@click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Stored feature type (compute precision is --precision).")
-@click.option("--part-size", type=int, default=None, help="Items per durable part (default ~2048).")
+@click.option("--part-size", type=click.IntRange(min=1), default=None, help="Items per durable part (default ~2048).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store made with another configuration.")
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (see docs/performance.md).")
@@ -20,11 +21,11 @@ from ._options import backbone_options, data_options, runtime_options
 @click.option("--engine", type=click.Choice(["local", "ray"]), default="local", show_default=True,
               help="local: this machine; ray: actors on a Ray cluster (pip install tlfx[ray]; docs/scaling.md).")
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster to join (auto, HOST:PORT); default: a local one.")
-@click.option("--num-workers", type=int, default=None, metavar="N", help="Ray actors (default: as many as fit).")
-@click.option("--gpus-per-worker", type=float, default=None, metavar="G", help="GPUs per Ray actor (default 0: CPU).")
-def extract(backbone, layers, pooling, image_size, weights, data, split, root, limit, precision, device, out,
-            batch_size, workers, dtype, part_size, overwrite, strict, compile_, quiet, engine, address, num_workers,
-            gpus_per_worker):
+@click.option("--num-workers", type=click.IntRange(min=1), default=None, metavar="N",
+              help="Ray actors (default: as many as fit).")
+@click.option("--gpus-per-worker", type=click.FloatRange(min=0), default=None, metavar="G",
+              help="GPUs per Ray actor (default 0: CPU).")
+def extract(compile_, quiet, engine, address, num_workers, gpus_per_worker, **fields):
     """Run a frozen backbone once over a dataset and cache its features in an HDF5 store.
 
     An interrupted run resumes when the same command is run again.
@@ -38,11 +39,8 @@ def extract(backbone, layers, pooling, image_size, weights, data, split, root, l
     """
     from ..engines import extract_with
 
-    res = extract_with(engine, backbone=backbone, data=data, out=out, split=split, root=root, limit=limit, layers=layers,
-                       pooling=pooling, image_size=image_size, weights=weights, batch_size=batch_size, workers=workers,
-                       precision=precision, device=device, dtype=dtype, part_size=part_size, overwrite=overwrite,
-                       strict=strict, compile=compile_, progress=not quiet, address=address, num_workers=num_workers,
-                       gpus_per_worker=gpus_per_worker)
+    opts = ExtractOptions(**fields, compile=compile_, progress=not quiet)
+    res = extract_with(engine, opts, address=address, num_workers=num_workers, gpus_per_worker=gpus_per_worker)
     click.echo(res.summary())
 
 

@@ -69,24 +69,25 @@ def _check_reachable(address: str, timeout: float = 5.0):
                         f"with 'ray start --head --port={port}', or leave --address out for a local instance") from None
 
 
-def extract_with(engine: str = "local", **kwargs):
-    """Run :func:`tlfx.extract` (``local``) or :func:`tlfx.engines.ray_engine.extract_ray` (``ray``).
+def extract_with(engine: str, opts, **ray_options):
+    """Run the extraction described by ``opts`` (:class:`tlfx.config.ExtractOptions`) on ``local`` (this process)
+    or ``ray`` (:func:`tlfx.engines.ray_engine.extract_ray`).
 
-    Ray-only keywords (``address``, ``num_workers``, ``gpus_per_worker``) are refused by the local engine only if set.
+    ``ray_options`` (``address``, ``num_workers``, ``gpus_per_worker``) apply to Ray only; the local engine refuses
+    them when set.
     """
     engine = check_engine(engine)
-    ray_only = {k: kwargs.pop(k) for k in ("address", "num_workers", "gpus_per_worker") if k in kwargs}
     if engine == "ray":
         require_ray()
-        from .ray_engine import extract_ray
+        from .ray_engine import run_ray
 
-        return extract_ray(**kwargs, **{k: v for k, v in ray_only.items() if v is not None})
-    given = [k for k, v in ray_only.items() if v not in (None, 0)]
+        return run_ray(opts, **{k: v for k, v in ray_options.items() if v is not None})
+    given = [k for k, v in ray_options.items() if v not in (None, 0)]
     if given:
         raise TlfxError(f"--{given[0].replace('_', '-')} only applies to --engine ray; add --engine ray or drop it")
-    from ..extract import extract
+    from ..extract import run_extraction
 
-    return extract(**kwargs)
+    return run_extraction(opts)
 
 
 @contextlib.contextmanager

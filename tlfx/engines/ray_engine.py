@@ -20,6 +20,7 @@ a killed actor leaves at most a ``*.tmp<pid>`` file, which the driver removes be
 
 from __future__ import annotations
 
+import dataclasses
 import glob
 import hashlib
 import json
@@ -34,9 +35,11 @@ import numpy as np
 import ray
 from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTaskError, WorkerCrashedError
 
+from ..config import ExtractOptions
 from ..datasets import ImageDataset, load_dataset
 from ..errors import TlfxError
-from ..extract import DTYPES, ExtractResult, store_attributes
+from ..extract import ExtractResult, store_attributes
+from ..safetext import terminal
 from ..store import FeatureStore, StoreWriter, parts_dir, read_attrs, write_part
 from . import connect_ray
 
@@ -114,8 +117,8 @@ class BlockWorker:
         for _idx, good, arr, bad in self.computer.loader(ds, range(start, end), job["batch_size"], job["workers"]):
             if bad and job["strict"]:
                 i, reason = bad[0]
-                raise TlfxError(f"cannot read {ds.ids[i]!r}: {reason} (--strict); fix or remove it, "
-                                f"then run again to resume")
+                raise TlfxError(f"cannot read '{terminal(ds.ids[i])}': {terminal(reason)} (--strict); fix or "
+                                f"remove it, then run again to resume")
             skipped += bad
             if arr is not None:
                 f = self.computer(arr)
@@ -123,8 +126,10 @@ class BlockWorker:
                 feats.append(f)
                 good_idx += good
         features = np.concatenate(feats) if feats else np.zeros((0, dim), np.float32)
+        # what listing could not use goes into the part that starts at item 0, as the local engine does
+        listed = list(getattr(ds, "listing_skips", None) or []) if start == 0 else []
         write_part(job["out"], start, end, features, ds.labels[good_idx], [ds.ids[i] for i in good_idx],
-                   [(ds.ids[i], r) for i, r in skipped], job["dtype"])
+                   listed + [(ds.ids[i], r) for i, r in skipped], job["dtype"])
         return {"start": start, "end": end, "rows": len(good_idx), "skipped": len(skipped), "dim": dim,
                 "pid": os.getpid(), "host": socket.gethostname(), "seconds": time.perf_counter() - t0}
 
@@ -197,34 +202,34 @@ def _cluster_capacity(gpus_per_worker: float, cpus_per_worker: int) -> int:
 
 
 def extract_ray(backbone: str = "efficientnet_lite0", data: str | ImageDataset = "digits", out: str = "features.h5", *,
-                split: str | None = None, root: str | None = None, limit: int | None = None,
-                layers="penultimate", pooling: str = "avg", image_size: int | None = None, weights: str | None = None,
-                batch_size: int = 64, workers: int | None = None, precision: str = "auto", device: str | None = None,
-                dtype: str = "float32", part_size: int | None = None, overwrite: bool = False, strict: bool = False,
-                compile: bool = False, progress: bool = False, address: str | None = None,
-                num_workers: int | None = None, gpus_per_worker: float = 0.0, max_restarts: int = 3,
-                on_block=None) -> ExtractResult:
+                address: str | None = None, num_workers: int | None = None, gpus_per_worker: float = 0.0,
+                max_restarts: int = 3, on_block=None, **options) -> ExtractResult:
     """:func:`tlfx.extract` on a Ray cluster; the same store, attributes, resume and skip semantics.
 
-    ``num_workers`` actors (default: as many as the cluster fits), each with ``gpus_per_worker`` GPUs (0: CPU) and
-    ``workers`` decoding processes (default 0 on CPU, 4 with a GPU). ``address``: the cluster (default: a new local
-    instance, or the one ``ray.init`` already connected). ``on_block(result)`` is called in the driver after each
-    block's part is durable (progress, tests). Every node must see ``out`` and the images at the same paths.
+    ``options`` are the fields of :class:`tlfx.config.ExtractOptions`. ``num_workers`` actors (default: as many
+    as the cluster fits), each with ``gpus_per_worker`` GPUs (0: CPU) and ``workers`` decoding processes (default 0
+    on CPU, 4 with a GPU). ``address``: the cluster (default: a new local instance, or the one ``ray.init`` already
+    connected). ``on_block(result)`` is called in the driver after each block's part is durable (progress, tests).
+    Every node must see ``out`` and the images at the same paths.
     """
+    return run_ray(ExtractOptions(backbone=backbone, data=data, out=out, **options), address=address,
+                   num_workers=num_workers, gpus_per_worker=gpus_per_worker, max_restarts=max_restarts,
+                   on_block=on_block)
+
+
+def run_ray(opts: ExtractOptions, *, address: str | None = None, num_workers: int | None = None,
+            gpus_per_worker: float = 0.0, max_restarts: int = 3, on_block=None) -> ExtractResult:
+    """The Ray engine for an :class:`~tlfx.config.ExtractOptions` (see :func:`extract_ray`)."""
+    opts.validate()
+    backbone, data, split, root, limit = opts.backbone, opts.data, opts.split, opts.root, opts.limit
+    batch_size, workers, device, dtype = opts.batch_size, opts.workers, opts.device, opts.dtype
+    part_size, overwrite, progress = opts.part_size, opts.overwrite, opts.progress
     if not isinstance(backbone, str):
         raise TlfxError("--engine ray needs a backbone name (each worker builds its own copy)")
-    if dtype not in DTYPES:
-        raise TlfxError(f"unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)}")
-    if batch_size < 1:
-        raise TlfxError(f"--batch-size must be at least 1, got {batch_size}")
     if num_workers is not None and num_workers < 1:
         raise TlfxError(f"--num-workers must be at least 1, got {num_workers}")
     if gpus_per_worker < 0:
         raise TlfxError(f"--gpus-per-worker must be 0 (CPU) or more, got {gpus_per_worker:g}")
-    if part_size is not None and part_size < 1:
-        raise TlfxError(f"--part-size must be at least 1, got {part_size}")
-    if workers is not None and workers < 0:
-        raise TlfxError(f"--workers must be 0 or more, got {workers}")
     if device not in (None, "auto", "cpu") and gpus_per_worker <= 0:
         raise TlfxError(f"--device {device} with --engine ray needs --gpus-per-worker above 0 (Ray assigns the GPUs)")
     if device in (None, "auto"):
@@ -232,7 +237,12 @@ def extract_ray(backbone: str = "efficientnet_lite0", data: str | ImageDataset =
     workers = (4 if gpus_per_worker > 0 else 0) if workers is None else workers
 
     ds = data if isinstance(data, ImageDataset) else load_dataset(data, split=split, root=root, limit=limit)
-    out = os.path.abspath(out)
+    listing_skips = list(getattr(ds, "listing_skips", None) or [])
+    if opts.strict and listing_skips:
+        i, reason = listing_skips[0]
+        raise TlfxError(f"cannot use '{terminal(i)}': {terminal(reason)} (--strict; {len(listing_skips)} found while "
+                        f"listing the dataset); fix or remove it, then run again")
+    out = os.path.abspath(opts.out)
     if not os.path.isdir(os.path.dirname(out)):
         raise TlfxError(f"output directory {os.path.dirname(out)!r} does not exist; create it or choose another --out")
     if part_size is None:
@@ -252,11 +262,8 @@ def extract_ray(backbone: str = "efficientnet_lite0", data: str | ImageDataset =
         cpus = max(1, workers)
         n = num_workers or _cluster_capacity(gpus_per_worker, cpus)
         n = max(1, min(n, math.ceil(len(ds) / part_size)))
-        job = {"data": data if isinstance(data, str) else None, "split": split, "root": root, "limit": limit,
-               "backbone": backbone, "weights": weights, "layers": layers, "pooling": pooling,
-               "image_size": image_size, "precision": precision, "device": device, "compile": compile,
-               "batch_size": batch_size, "workers": workers, "dtype": dtype, "strict": strict, "out": out,
-               "cwd": os.getcwd()}
+        job = {**dataclasses.replace(opts, data=data if isinstance(data, str) else None, device=device,
+                                     workers=workers, out=out).options(), "cwd": os.getcwd()}
         env = {k: os.environ[k] for k in _FORWARDED_ENV if os.environ.get(k)}
         options = {"num_cpus": cpus, "num_gpus": gpus_per_worker, "max_restarts": max_restarts,
                    "max_task_retries": max_restarts}
