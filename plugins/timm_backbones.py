@@ -28,7 +28,19 @@ def backbone_from_timm(model, name: str, info: WeightsInfo, mean=None, std=None)
     return Backbone(name=name, module=model, preprocess=pre, weights=info, stages=stages, classifier=classifier)
 
 
+def _offline_by_default():
+    """Weights come from the local cache only (unless the user set HF_HUB_OFFLINE themselves). huggingface_hub reads
+    the variable once, when it is imported (timm imports it), so its constant is set too when it is already loaded."""
+    import sys
+
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    hub = sys.modules.get("huggingface_hub.constants")
+    if hub is not None and os.environ["HF_HUB_OFFLINE"].upper() in ("1", "ON", "YES", "TRUE"):
+        hub.HF_HUB_OFFLINE = True
+
+
 def build(model_name: str, weights: str | None = None):
+    _offline_by_default()
     import timm
 
     from tlfx.backbone import apply_state_dict, load_state_dict_file
@@ -38,7 +50,6 @@ def build(model_name: str, weights: str | None = None):
     if weights in (None, "none"):
         pretrained = weights is None
         try:
-            os.environ.setdefault("HF_HUB_OFFLINE", "1")
             model = timm.create_model(model_name, pretrained=pretrained)
         except Exception:
             raise TlfxError(
