@@ -27,7 +27,7 @@ MODEL_CONFIG_KEYS = ("backbone", "weights", "layers", "pooling", "image_size", "
 # scikit-learn types the heads use that skops does not trust by default, but rebuilds from plain arrays only
 EXTRA_TRUSTED = ("sklearn.tree._tree.Tree",)
 # the skops member is itself a zip (schema.json + one .npy per array): bound what it may unpack to
-MAX_SKOPS_MEMBERS = 1_000_000
+MAX_SKOPS_MEMBERS = 100_000
 MAX_SKOPS_BYTES = _models.MAX_MEMBER_BYTES
 
 
@@ -191,6 +191,7 @@ def _check_skops_container(data: bytes, where: str):
     """Refuse a skops member that would unpack to more than :data:`MAX_SKOPS_BYTES` (zipfile never reads past a
     member's declared size, so the declared sizes bound the memory skops can use) or hold too many entries."""
     try:
+        _models.check_zip_directory(io.BytesIO(data), f"model {where!r}: {HEAD_MEMBER}", MAX_SKOPS_MEMBERS)
         with zipfile.ZipFile(io.BytesIO(data)) as inner:
             infos = inner.infolist()
     except (zipfile.BadZipFile, ValueError, EOFError, OSError):

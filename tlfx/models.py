@@ -27,6 +27,7 @@ from .errors import TlfxError
 MODEL_FORMAT_VERSION = 1
 _KINDS: dict[str, type] = {}
 MAX_MEMBERS = 64  # a model zip holds meta.json and a handful of members
+MAX_DIRECTORY_BYTES = 16 << 20  # a zip's central directory, parsed whole by zipfile before anything else
 MAX_META_BYTES = 1 << 20
 MAX_MEMBER_BYTES = 2 << 30  # the largest network or head a model file may carry
 MAX_DEPTH = 32  # nesting of the JSON record
@@ -176,6 +177,8 @@ def open_model_zip(path: str) -> zipfile.ZipFile:
     if not stat.S_ISREG(st.st_mode):
         raise TlfxError(f"model file {path!r} is not a regular file; pass a .tlfx file made by tlfx fit or tlfx finetune")
     try:
+        with open(path, "rb") as f:
+            check_zip_directory(f, f"model {path!r}", MAX_MEMBERS, 64 * MAX_MEMBERS * 1024)
         z = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError, ValueError, EOFError):
         raise TlfxError(f"{path!r} is not a tlfx model file (no meta.json in a zip archive)") from None
@@ -185,6 +188,19 @@ def open_model_zip(path: str) -> zipfile.ZipFile:
         raise TlfxError(f"model {path!r} holds {n} members, more than a tlfx model file has ({MAX_MEMBERS}); "
                         f"refusing it (a damaged or hostile file)")
     return z
+
+
+def check_zip_directory(f, what: str, max_entries: int, max_bytes: int = MAX_DIRECTORY_BYTES):
+    """Refuse a zip (open binary file ``f``) whose central directory is too large to parse, from its end record,
+    before :class:`zipfile.ZipFile` reads the whole directory into memory. The entry count can lie, so the
+    directory's byte size is bounded too (zipfile parses by size); the exact count is checked after opening."""
+    end = zipfile._EndRecData(f)
+    if end is None:
+        raise zipfile.BadZipFile("no end of central directory")
+    entries, size = end[zipfile._ECD_ENTRIES_TOTAL], end[zipfile._ECD_SIZE]
+    if entries > max_entries or size > max_bytes:
+        raise TlfxError(f"{what} holds {entries} members in a {size}-byte directory, more than a tlfx model file has "
+                        f"({max_entries} members, {max_bytes} bytes); refusing it (a damaged or hostile file)")
 
 
 def read_meta(path: str) -> dict:
@@ -249,15 +265,19 @@ def check_pixels(path: str, name: str, value, optional: bool = True):
         raise bad_record(path, f"field {name!r} is {value}, outside {lo}..{hi} pixels")
 
 
-def check_preprocess(path: str, name: str, p, optional: bool = True):
-    """A recorded preprocessing: resize and crop within range, mean and std three finite positive-std numbers."""
+def check_preprocess(path: str, name: str, p, optional: bool = True, complete: bool = True):
+    """A recorded preprocessing: resize and crop within range, mean and std three finite numbers (std positive).
+    ``complete``: every field must be there (a record the model is rebuilt from); else only present ones are checked
+    (a configuration that is only compared)."""
     check_field(path, name, p, (dict,), optional)
     if p is None:
         return
-    check_pixels(path, f"{name}.resize", p.get("resize"), optional=False)
-    check_pixels(path, f"{name}.crop", p.get("crop"), optional=False)
+    for key in ("resize", "crop"):
+        check_pixels(path, f"{name}.{key}", p.get(key), optional=not complete)
     for key in ("mean", "std"):
         v = p.get(key)
+        if v is None and not complete:
+            continue
         if not (isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) and not isinstance(x, bool)
                                                             and abs(x) < 1e6 for x in v)):
             raise bad_record(path, f"field {name}.{key} is {_short(v)}, not a list of 3 numbers")
@@ -308,7 +328,7 @@ def check_config_record(path: str, config: dict, prefix: str = "config"):
     check_field(path, f"{prefix}.pooling", config.get("pooling"), (str,))
     check_field(path, f"{prefix}.precision", config.get("precision"), (str,))
     check_pixels(path, f"{prefix}.image_size", config.get("image_size"))
-    check_preprocess(path, f"{prefix}.preprocess", config.get("preprocess"))
+    check_preprocess(path, f"{prefix}.preprocess", config.get("preprocess"), complete=False)
 
 
 def _short(v) -> str:
