@@ -17,7 +17,7 @@ import click
 
 import tlfx
 from tlfx.errors import TlfxError
-from tlfx.models import Model, register_model_kind
+from tlfx.models import Model, Trust, bad_record, check_field, check_pixels, check_preprocess, no_network, register_model_kind
 
 WEIGHTS_MEMBER = "weights.safetensors"
 
@@ -42,11 +42,12 @@ class FinetuneModel(Model):
         z.writestr(WEIGHTS_MEMBER, save({k: v.contiguous() for k, v in self.state_dict.items()}))
 
     @classmethod
-    def load(cls, z: zipfile.ZipFile, meta: dict, trust: bool = False) -> FinetuneModel:
+    def load(cls, z: zipfile.ZipFile, meta: dict, trust: Trust = Trust()) -> FinetuneModel:
         from safetensors.torch import load
 
         where = getattr(z, "filename", None) or "model"
-        data = cls.read_member(z, WEIGHTS_MEMBER, "fine-tune again")
+        validate_finetune_meta(meta, where)
+        data = cls.read_member(z, WEIGHTS_MEMBER, "fine-tune again")  # size-bounded; safetensors holds no code
         try:
             state = load(data)
         except Exception as exc:
@@ -65,7 +66,8 @@ class FinetuneModel(Model):
             from tlfx.runtime import pick_device
 
             m = self.meta
-            bb = create_backbone(m["backbone"], weights="none")
+            with no_network():  # the architecture only (random init): nothing to download
+                bb = create_backbone(m["backbone"], weights="none")
             net = FinetuneNet(bb.module, m.get("classifier"), len(self.class_names), m.get("head_in_features"))
             try:
                 net.load_state_dict(self.state_dict)
@@ -138,6 +140,18 @@ class FinetuneModel(Model):
             print(f"warning: {len(bad)} image(s) of {store.path!r} could not be read again (e.g. {ds.ids[bad[0][0]]}: "
                   f"{bad[0][1]}); they count as uniform predictions", file=sys.stderr)
         return out
+
+
+def validate_finetune_meta(meta: dict, where: str):
+    """The fields a finetune record must have, with their types and ranges (one line naming the bad field)."""
+    check_field(where, "backbone", meta.get("backbone"), (str,), optional=False)
+    check_preprocess(where, "preprocess", meta.get("preprocess"), optional=False)
+    check_pixels(where, "image_size", meta.get("image_size"))
+    check_field(where, "classifier", meta.get("classifier"), (str,))
+    check_field(where, "head_in_features", meta.get("head_in_features"), (int,))
+    n = meta.get("head_in_features")
+    if n is not None and not 1 <= n <= 1 << 16:
+        raise bad_record(where, f"field 'head_in_features' is {n}, outside 1..65536")
 
 
 def dataset_of_store(store):

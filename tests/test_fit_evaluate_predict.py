@@ -37,7 +37,7 @@ def fashion_store(fashion_png_dir, tmp_path_factory):
     return tlfx.extract("efficientnet_lite0", f"imagefolder:{fashion_png_dir}", str(out), image_size=64).path
 
 
-def test_cli_evaluate_table_json_and_joblib_trust(svm_model, digits_stores):
+def test_cli_evaluate_table_json_and_joblib_trust_pickle(svm_model, digits_stores):
     _, test = digits_stores
     proc = run_cli("evaluate", "--model", svm_model, "--features", test, "--json", check=True)
     rep = json.loads(proc.stdout)
@@ -51,8 +51,8 @@ def test_cli_evaluate_table_json_and_joblib_trust(svm_model, digits_stores):
     joblib_path = os.path.splitext(svm_model)[0] + ".joblib"
     refused = run_cli("evaluate", "--model", joblib_path, "--features", test)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
-    assert "pickle" in refused.stderr and "--trust" in refused.stderr
-    table = run_cli("evaluate", "--model", joblib_path, "--features", test, "--trust", check=True).stdout
+    assert "pickle" in refused.stderr and "--trust-pickle" in refused.stderr
+    table = run_cli("evaluate", "--model", joblib_path, "--features", test, "--trust-pickle", check=True).stdout
     assert f"accuracy {rep['accuracy']:.4f}" in table and "confusion matrix" in table and "precision" in table
 
 

@@ -139,18 +139,18 @@ def test_model_with_unregistered_type_is_refused_without_running_it(tmp_path, bl
     model = HeadModel.from_estimator(EvilEstimator().fit(X, y), "logistic", {}, CONFIG, list("abcd"))
     path = str(tmp_path / "evil.tlfx")
     model.save(path)
-    with pytest.raises(TlfxError, match=r"contains type 'test_heads.EvilEstimator'.*refusing to load"):
+    with pytest.raises(TlfxError, match=r"test_heads\.EvilEstimator; refusing to load.*--trust-type test_heads\.EvilEstimator"):
         tlfx.load_model(path)
     assert not mark.exists()
 
 
-def test_joblib_export_loads_only_with_trust(tmp_path, blobs):
+def test_joblib_export_loads_only_with_trust_pickle(tmp_path, blobs):
     X, y = blobs
     model = HeadModel.from_estimator(create_head("knn").fit(X, y), "knn", {}, CONFIG, list("abcd"))
     path = model.export_joblib(str(tmp_path / "knn.joblib"))
-    with pytest.raises(TlfxError, match="pickle .*pass --trust"):
+    with pytest.raises(TlfxError, match="pickle .*pass --trust-pickle"):
         tlfx.load_model(path)
-    back = tlfx.load_model(path, trust=True)
+    back = tlfx.load_model(path, trust_pickle=True)
     np.testing.assert_allclose(back.predict_proba_features(X), model.predict_proba_features(X))
 
 

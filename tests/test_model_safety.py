@@ -1,4 +1,4 @@
-"""Model files never run code from the file unless the user says --trust."""
+"""Model files never run code from the file unless the user says --trust-pickle (or names a type in --trust-type)."""
 
 from __future__ import annotations
 
@@ -25,10 +25,10 @@ def test_malicious_pickle_is_never_run_without_trust(digits_stores, tmp_path):
     evil.write_bytes(pickle.dumps({"tlfx_model": "head", "payload": _Touch(mark)}))
     for args in (["evaluate", "--model", evil, "--features", digits_stores[1]], ["predict", "--model", evil, evil]):
         p = run_cli(*args)
-        assert p.returncode == 2 and "--trust" in p.stderr and "Traceback" not in p.stderr, p.stderr
+        assert p.returncode == 2 and "--trust-pickle" in p.stderr and "Traceback" not in p.stderr, p.stderr
         assert not mark.exists()
     # the control: the same file does run code when the user explicitly trusts it
-    p = run_cli("evaluate", "--model", evil, "--features", digits_stores[1], "--trust")
+    p = run_cli("evaluate", "--model", evil, "--features", digits_stores[1], "--trust-pickle")
     assert mark.exists() and p.returncode != 0
 
 

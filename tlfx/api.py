@@ -23,16 +23,18 @@ from .store import FeatureStore
 DEFAULT_CV = 5
 
 
-def load_model(path: str, trust: bool = False) -> Model:
-    """Open a model file (``tlfx fit``/``tlfx finetune`` output). Nothing in it runs unless ``trust=True``,
-    which is also the only way to open a pickle export (``.joblib``)."""
-    return _load_model(path, trust=trust)
+def load_model(path: str, trust_types=(), trust_pickle: bool = False) -> Model:
+    """Open a model file (``tlfx fit``/``tlfx finetune`` output). Nothing in it runs: a head file may hold only
+    scikit-learn/numpy types, registered head classes and the ``module.Class`` names in ``trust_types``
+    (``--trust-type``); a pickle export (``.joblib``) opens only with ``trust_pickle=True`` (``--trust-pickle``),
+    which runs any code the file holds."""
+    return _load_model(path, trust_types=trust_types, trust_pickle=trust_pickle)
 
 
-def _as_model(model, trust: bool = False) -> Model:
+def _as_model(model, trust_types=(), trust_pickle: bool = False) -> Model:
     if isinstance(model, (str, os.PathLike)):
         path = os.fspath(model)
-        model = load_model(path, trust=trust)
+        model = load_model(path, trust_types=trust_types, trust_pickle=trust_pickle)
         model.path = path
     return model
 
@@ -93,12 +95,13 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
     return model
 
 
-def evaluate(model, features, *, trust: bool = False, allow_incomplete: bool = False) -> dict:
+def evaluate(model, features, *, trust_types=(), trust_pickle: bool = False, allow_incomplete: bool = False) -> dict:
     """Accuracy, macro-F1, per-class precision/recall/F1/support and the confusion matrix of ``model`` (a model
-    object or file) on the labeled rows of the store at ``features``. Works for every model kind."""
+    object or file) on the labeled rows of the store at ``features``. Works for every model kind.
+    ``trust_types``/``trust_pickle``: see :func:`load_model`."""
     from .metrics import classification_report_dict
 
-    m = _as_model(model, trust)
+    m = _as_model(model, trust_types, trust_pickle)
     store = features if isinstance(features, FeatureStore) else FeatureStore(features, allow_incomplete=allow_incomplete)
     if getattr(m, "reads_features", True):  # a fine-tuned network reads the store's images, not its features
         check_config(m.config, store.config, f"store {store.path!r}")
@@ -121,12 +124,13 @@ def evaluate(model, features, *, trust: bool = False, allow_incomplete: bool = F
     return rep
 
 
-def predict(model, paths, top_k: int = 3, *, trust: bool = False) -> list[dict]:
+def predict(model, paths, top_k: int = 3, *, trust_types=(), trust_pickle: bool = False) -> list[dict]:
     """Run backbone + head on image files. One dict per input path, in order: ``{"path", "top": [{"class",
-    "probability"}, ...]}`` for readable images, ``{"path", "error"}`` for files that could not be read."""
+    "probability"}, ...]}`` for readable images, ``{"path", "error"}`` for files that could not be read.
+    ``trust_types``/``trust_pickle``: see :func:`load_model`."""
     if top_k < 1:
         raise TlfxError(f"--top-k must be at least 1, got {top_k}")
-    m = _as_model(model, trust)
+    m = _as_model(model, trust_types, trust_pickle)
     paths = [os.fspath(p) for p in paths]
     if not paths:
         raise TlfxError("no image files given; pass one or more paths")

@@ -12,10 +12,44 @@ from .errors import TlfxError
 from .plugins import PLUGINS_DIR_ENV, get_plugin_manager
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
+class PluginGroup(click.Group):
+    """The ``tlfx`` group: plugin commands are added when click first resolves or lists a subcommand.
+
+    By then click has parsed the group's own options, so ``--plugins-dir`` counts only where click says it is a
+    group option (before the subcommand): a file name such as ``--plugins-dir=x`` among a command's arguments or
+    after ``--`` is only ever an argument, and never loads code.
+    """
+
+    plugins_loaded = False
+
+    def load_plugins(self, ctx: click.Context | None = None):
+        """Load plugins once: entry points, the group's ``--plugins-dir`` folders, then ``TLFX_PLUGINS_DIR``."""
+        if self.plugins_loaded:
+            return
+        self.plugins_loaded = True
+        dirs = list(((ctx.params if ctx is not None else {}).get("plugins_dir")) or ())
+        if dirs:  # through the environment, so that worker processes load the same plugins
+            from . import plugins
+
+            os.environ[PLUGINS_DIR_ENV] = os.pathsep.join(filter(None, [*dirs, os.environ.get(PLUGINS_DIR_ENV, "")]))
+            if plugins._manager is not None:
+                plugins.reset_plugin_manager()
+        get_plugin_manager().add_commands(self)
+
+    def get_command(self, ctx, cmd_name):
+        self.load_plugins(ctx)
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx):
+        self.load_plugins(ctx)
+        return super().list_commands(ctx)
+
+
+@click.group(cls=PluginGroup, context_settings={"help_option_names": ["-h", "--help"], "max_content_width": 110})
 @click.version_option(__version__, prog_name="tlfx")
-@click.option("--plugins-dir", multiple=True, metavar="DIR",
-              help=f"Also load every *.py in DIR as a plugin (development). Same as {PLUGINS_DIR_ENV}.")
+@click.option("--plugins-dir", multiple=True, metavar="DIR", is_eager=True,  # eager: `tlfx --plugins-dir D --help`
+              help=f"Also load every *.py in DIR as a plugin (development; before the command name). "
+                   f"Same as {PLUGINS_DIR_ENV}.")
 def cli(plugins_dir):
     """tlfx: frozen-backbone features cached in HDF5, heads trained in seconds, compared with a fine-tune.
 
@@ -36,30 +70,20 @@ def _register_core_commands():
         cli.add_command(cmd)
 
 
-def _plugins_dirs_from_argv(argv):
-    dirs = []
-    for i, a in enumerate(argv):
-        if a == "--plugins-dir" and i + 1 < len(argv):
-            dirs.append(argv[i + 1])
-        elif a.startswith("--plugins-dir="):
-            dirs.append(a.split("=", 1)[1])
-    return dirs
-
-
-def build_cli(argv=None):
-    dirs = _plugins_dirs_from_argv(argv if argv is not None else sys.argv[1:])
-    if dirs:
-        os.environ[PLUGINS_DIR_ENV] = os.pathsep.join(filter(None, [*dirs, os.environ.get(PLUGINS_DIR_ENV, "")]))
+def build_cli(argv=None, load_plugins: bool = True):
+    """The click group with the core commands; with ``load_plugins``, plugin commands too (entry points and
+    ``TLFX_PLUGINS_DIR``). ``argv`` is accepted for compatibility and not read: click alone parses arguments."""
     if not cli.commands:
         _register_core_commands()
-        get_plugin_manager().add_commands(cli)
+    if load_plugins:
+        cli.load_plugins()
     return cli
 
 
 def main(argv=None):
     """Entry point: one clear line and exit code 2 for bad input; no traceback unless TLFX_DEBUG=1."""
     try:
-        group = build_cli(argv)
+        group = build_cli(load_plugins=False)  # plugins load once click has parsed --plugins-dir
         group.main(args=argv, prog_name="tlfx", standalone_mode=False)
     except click.exceptions.Abort:
         click.echo("interrupted; run the same command again to resume", err=True)

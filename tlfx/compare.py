@@ -257,8 +257,9 @@ def _feature_label(store: FeatureStore) -> str:
 
 def compare(train: str, test: str, heads, out: str, *, search: bool = False, folds: int = 3,
             baseline: str | None = None, finetune=(), learning_curve=DEFAULT_CURVE, allow_incomplete: bool = False,
-            n_boot: int = 1000, seed: int = 0, gallery: int = 24, progress: bool = False, trust: bool = False,
-            engine: str = "local", address: str | None = None, argv: list | None = None) -> dict:
+            n_boot: int = 1000, seed: int = 0, gallery: int = 24, progress: bool = False,
+            trust_types=(), trust_pickle: bool = False, engine: str = "local", address: str | None = None,
+            argv: list | None = None) -> dict:
     """Fit every head on ``train``, score it once on ``test``, and write report.html/.json/.md into ``out``.
 
     Returns the report dictionary (what ``report.json`` holds).
@@ -331,7 +332,7 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
                 if points:
                     curves.append(_curve(set_kind, set_label, name, s_tr, s_te, points, row, search, seed, prog))
         for path in finetune:
-            rows.append(_model_row(path, te_store, k, n_boot, seed, trust, prog))
+            rows.append(_model_row(path, te_store, k, n_boot, seed, (trust_types, trust_pickle), prog))
 
         best = max(rows, key=lambda r: (r["accuracy"], r["macro_f1"], -rows.index(r)))
         pareto = pareto_front(rows)
@@ -511,12 +512,12 @@ def _curve(set_kind, set_label, name, s_tr: Split, s_te: Split, points, row, sea
     return out
 
 
-def _model_row(path: str, te_store: FeatureStore, k: int, n_boot: int, seed: int, trust: bool, prog: Progress):
+def _model_row(path: str, te_store: FeatureStore, k: int, n_boot: int, seed: int, trust: tuple, prog: Progress):
     """A row for a saved model file (fine-tune, or any tlfx model) scored on the test store's rows."""
     from .models import load_model
 
     prog.step(f"model {terminal(os.path.basename(path))}")
-    model = load_model(path, trust=trust)
+    model = load_model(path, trust_types=trust[0], trust_pickle=trust[1])
     if model.class_names and model.class_names != te_store.class_names:
         raise TlfxError(f"model {path!r} was trained on other classes than the test store {te_store.path!r}; "
                         f"use a model trained on the same dataset")

@@ -2,12 +2,14 @@
 
 The head is stored with ``skops.io`` inside the model zip (``head.skops``). Loading audits every type in it first
 and refuses any type that is neither one of skops' default trusted types (numpy, scikit-learn) nor the class of
-a registered head, so opening a model file never runs code from it. A pickle export (``.joblib``) exists for those
-who want it and is opened only with ``trust=True`` (:func:`tlfx.api.load_model`).
+a registered head, so opening a model file never runs code from it; the refusal names every refused type and the
+``--trust-type`` flags that would accept exactly those. A pickle export (``.joblib``) exists for those who want it
+and is opened only with ``trust_pickle=True`` / ``--trust-pickle`` (:func:`tlfx.api.load_model`).
 """
 
 from __future__ import annotations
 
+import io
 import os
 import time
 import zipfile
@@ -15,14 +17,18 @@ import zipfile
 import numpy as np
 
 from . import __version__
+from . import models as _models
 from .errors import TlfxError
-from .models import Model, register_model_kind
+from .models import FEATURE_CONFIG_KEYS, Model, Trust, check_config, no_network, register_model_kind, write_atomically
 
 HEAD_MEMBER = "head.skops"
 # the part of a store's configuration that decides what features mean (what a model needs to run again)
 MODEL_CONFIG_KEYS = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess", "precision")
 # scikit-learn types the heads use that skops does not trust by default, but rebuilds from plain arrays only
 EXTRA_TRUSTED = ("sklearn.tree._tree.Tree",)
+# the skops member is itself a zip (schema.json + one .npy per array): bound what it may unpack to
+MAX_SKOPS_MEMBERS = 100_000
+MAX_SKOPS_BYTES = _models.MAX_MEMBER_BYTES
 
 
 class HeadModel(Model):
@@ -65,32 +71,40 @@ class HeadModel(Model):
         z.writestr(HEAD_MEMBER, sio.dumps(self.estimator))
 
     @classmethod
-    def load(cls, z: zipfile.ZipFile, meta: dict, trust: bool = False) -> HeadModel:
+    def load(cls, z: zipfile.ZipFile, meta: dict, trust: Trust = Trust()) -> HeadModel:
         import skops.io as sio
 
         where = getattr(z, "filename", None) or "model"
         data = cls.read_member(z, HEAD_MEMBER, "fit it again")
+        _check_skops_container(data, where)
         try:
             untrusted = sio.get_untrusted_types(data=data)
-        except Exception as exc:
+        except Exception as exc:  # RecursionError included: a schema nested too deeply
             raise TlfxError(f"model {where!r}: {HEAD_MEMBER} is not a readable skops file ({type(exc).__name__})") from None
-        allowed = set(trusted_head_types())
+        allowed = {*trusted_head_types(), *trust.types}
         refused = sorted(t for t in untrusted if t not in allowed)
-        if refused and not trust:
-            raise TlfxError(f"model {where!r} contains type {refused[0]!r}, which is not a registered head class or a "
-                            f"scikit-learn/numpy type; refusing to load it (it could run code). Install the plugin "
-                            f"that defines it, or pass --trust if you made the file yourself")
-        est = sio.loads(data, trusted=sorted(untrusted) if trust else sorted(t for t in untrusted if t in allowed))
+        if refused:
+            flags = " ".join(f"--trust-type {t}" for t in refused)
+            raise TlfxError(f"model {where!r} contains {len(refused)} type(s) that are not a registered head class or a "
+                            f"scikit-learn/numpy type: {', '.join(refused)}; refusing to load it (loading them could run "
+                            f"code). Install the plugin that defines them, or, only if you made the file yourself, "
+                            f"pass {flags}")
+        try:
+            est = sio.loads(data, trusted=sorted(untrusted))
+        except TlfxError:
+            raise
+        except Exception as exc:
+            raise TlfxError(f"model {where!r}: {HEAD_MEMBER} cannot be rebuilt ({type(exc).__name__}: "
+                            f"{str(exc).splitlines()[0][:120] if str(exc) else ''}); it is damaged, fit it again") from None
         return cls(meta, est)
 
     def export_joblib(self, path: str) -> str:
-        """Write a pickle (joblib) copy: faster to load, but runs code when loaded; open it only with ``trust=True``."""
+        """Write a pickle (joblib) copy: faster to load, but runs code when loaded; open it only with
+        ``trust_pickle=True`` (``--trust-pickle``)."""
         import joblib
 
-        tmp = f"{path}.tmp{os.getpid()}"
-        joblib.dump({"tlfx_model": "head", "meta": {**self.meta, "kind": self.kind}, "estimator": self.estimator}, tmp)
-        os.replace(tmp, path)
-        return path
+        obj = {"tlfx_model": "head", "meta": {**self.meta, "kind": self.kind}, "estimator": self.estimator}
+        return write_atomically(path, lambda f: joblib.dump(obj, f), "pickle export")
 
     @classmethod
     def load_joblib(cls, path: str) -> HeadModel:
@@ -147,25 +161,46 @@ def build_computer(config: dict, device=None):
                         f"rebuilt; extract with pretrained or --weights file weights and fit again")
     want = w.get("sha256") or ""
     bb, first_error = None, None
-    try:
-        bb = create_backbone(name)
-    except TlfxError as exc:
-        first_error = exc
-    if (bb is None or bb.weights.sha256 != want) and w.get("path") and os.path.isfile(w["path"]):
-        bb = create_backbone(name, weights=w["path"])
+    with no_network():  # a model file must not make tlfx download anything (nor wait on a hub)
+        try:
+            bb = create_backbone(name)
+        except TlfxError as exc:
+            first_error = exc
+        if (bb is None or bb.weights.sha256 != want) and w.get("path") and os.path.isfile(w["path"]):
+            bb = create_backbone(name, weights=w["path"])
     if bb is None:
         raise first_error
     if bb.weights.sha256 != want:
         raise TlfxError(f"backbone {name!r} weights here (sha256 {bb.weights.sha256[:16] or 'none'}) are not the ones "
                         f"the model was trained with ({w.get('name')}, sha256 {want[:16] or 'none'}, recorded path "
                         f"{w.get('path') or '-'}); place that weights file there and run again")
+    layers, pooling, size = config.get("layers") or "penultimate", config.get("pooling") or "avg", config.get("image_size")
+    # the same check evaluate makes against a store: the backbone as rebuilt here must make the same features
+    recorded = {k: config[k] for k in FEATURE_CONFIG_KEYS if config.get(k) is not None}  # older files record less
+    rebuilt = {k: v for k, v in bb.config(layers, pooling, size).items() if k in recorded}
+    check_config(recorded, rebuilt, f"backbone {name!r} as installed here",
+                 "install the backbone (plugin) version the model was made with, or fit the head again on its features")
     precision = config.get("precision") or "auto"
     try:
-        return FeatureComputer(bb, config.get("layers") or "penultimate", config.get("pooling") or "avg",
-                               config.get("image_size"), precision, device)
+        return FeatureComputer(bb, layers, pooling, size, precision, device)
     except TlfxError:  # e.g. a bf16 model on a machine without bf16: same weights, fp32 is the safe choice
-        return FeatureComputer(bb, config.get("layers") or "penultimate", config.get("pooling") or "avg",
-                               config.get("image_size"), "fp32", device)
+        return FeatureComputer(bb, layers, pooling, size, "fp32", device)
+
+
+def _check_skops_container(data: bytes, where: str):
+    """Refuse a skops member that would unpack to more than :data:`MAX_SKOPS_BYTES` (zipfile never reads past a
+    member's declared size, so the declared sizes bound the memory skops can use) or hold too many entries."""
+    try:
+        _models.check_zip_directory(io.BytesIO(data), f"model {where!r}: {HEAD_MEMBER}", MAX_SKOPS_MEMBERS)
+        with zipfile.ZipFile(io.BytesIO(data)) as inner:
+            infos = inner.infolist()
+    except (zipfile.BadZipFile, ValueError, EOFError, OSError):
+        raise TlfxError(f"model {where!r}: {HEAD_MEMBER} is not a readable skops file; it is damaged, fit it again") from None
+    total = sum(i.file_size for i in infos)
+    if len(infos) > MAX_SKOPS_MEMBERS or total > MAX_SKOPS_BYTES:
+        raise TlfxError(f"model {where!r}: {HEAD_MEMBER} would unpack to {total} bytes in {len(infos)} entries "
+                        f"(limit {MAX_SKOPS_BYTES} bytes, {MAX_SKOPS_MEMBERS} entries); refusing it (a damaged or "
+                        f"hostile file)")
 
 
 def trusted_head_types() -> list[str]:

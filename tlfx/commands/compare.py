@@ -4,6 +4,7 @@ import click
 
 from ..engines import search_engine_options
 from ..safetext import terminal
+from ._trust import trust_options
 
 
 @click.command()
@@ -26,12 +27,12 @@ from ..safetext import terminal
               help="Seed of every random choice (same seed, same numbers).")
 @click.option("--gallery", type=click.IntRange(min=0), default=24, show_default=True, help="Misclassified test images to show.")
 @click.option("--allow-incomplete", is_flag=True, help="Accept stores whose extraction has not finished.")
-@click.option("--trust", is_flag=True, help="Allow --finetune model files that need unpickling (only files you made).")
+@trust_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for report.html/.json/.md.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
 @search_engine_options
 def compare(train, test, heads, search, folds, baseline, finetune, learning_curve, n_boot, seed, gallery,
-            allow_incomplete, trust, out, quiet, engine, address):
+            allow_incomplete, trust_types, trust_pickle, out, quiet, engine, address):
     """Compare heads (and a raw-pixel baseline, and fine-tuned models) on the same splits: quality beside cost.
 
     Writes DIR/report.html (one self-contained page), DIR/report.json (every number) and DIR/report.md.
@@ -49,7 +50,8 @@ def compare(train, test, heads, search, folds, baseline, finetune, learning_curv
 
     rep = run(train, test, heads or list_heads(), out, search=search, folds=folds, baseline=baseline,
               finetune=finetune, learning_curve=learning_curve, allow_incomplete=allow_incomplete, n_boot=n_boot,
-              seed=seed, gallery=gallery, progress=not quiet, trust=trust, engine=engine, address=address,
+              seed=seed, gallery=gallery, progress=not quiet,
+              trust_types=trust_types, trust_pickle=trust_pickle, engine=engine, address=address,
               argv=_argv())
     best = next(r for r in rep["rows"] if r["id"] == rep["best"])
     labels = {r["id"]: terminal(r["label"]) for r in rep["rows"]}  # model names come from other people's files

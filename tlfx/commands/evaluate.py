@@ -4,6 +4,8 @@ import json
 
 import click
 
+from ._trust import trust_options
+
 
 @click.command()
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), metavar="M",
@@ -11,9 +13,9 @@ import click
 @click.option("--features", required=True, type=click.Path(dir_okay=False), metavar="T.h5",
               help="Labeled test store extracted with the model's backbone configuration.")
 @click.option("--json", "as_json", is_flag=True, help="Print the report as JSON.")
-@click.option("--trust", is_flag=True, help="Allow loading pickle-based model files (only files you made).")
+@trust_options
 @click.option("--allow-incomplete", is_flag=True, help="Evaluate on a store whose extraction has not finished.")
-def evaluate(model_path, features, as_json, trust, allow_incomplete):
+def evaluate(model_path, features, as_json, trust_types, trust_pickle, allow_incomplete):
     """Accuracy, macro-F1, per-class precision/recall/F1 and the confusion matrix of a model on a store.
 
     A store made with another backbone configuration than the model's is refused.
@@ -25,12 +27,23 @@ def evaluate(model_path, features, as_json, trust, allow_incomplete):
     """
     from ..api import evaluate as evaluate_model
     from ..metrics import format_report
+    from ..safetext import terminal
 
-    rep = evaluate_model(model_path, features, trust=trust, allow_incomplete=allow_incomplete)
+    rep = evaluate_model(model_path, features, trust_types=trust_types, trust_pickle=trust_pickle,
+                         allow_incomplete=allow_incomplete)
     if as_json:
         click.echo(json.dumps(rep, indent=2))
     else:
-        click.echo(format_report(rep, title=f"{model_path} ({rep.get('head') or rep['kind']}) on {features}"))
+        title = terminal(f"{model_path} ({rep.get('head') or rep['kind']}) on {features}")
+        click.echo(format_report(printable(rep), title=title))
+
+
+def printable(rep: dict) -> dict:
+    """The report with its class names escaped for the terminal (they come from the model or store file)."""
+    from ..safetext import terminal
+
+    return {**rep, "class_names": [terminal(n) for n in rep.get("class_names", [])],
+            "per_class": [{**r, "class": terminal(r["class"])} for r in rep.get("per_class", [])]}
 
 
 COMMANDS = [evaluate]

@@ -17,7 +17,7 @@ from ..engines import search_engine_options
 @click.option("--out", required=True, type=click.Path(dir_okay=False), metavar="M",
               help="Model file to write (e.g. svm.tlfx).")
 @click.option("--export-joblib", is_flag=True,
-              help="Also write a pickle copy <M stem>.joblib (loads only with --trust: pickles can run code).")
+              help="Also write a pickle copy <M stem>.joblib (loads only with --trust-pickle: pickles can run code).")
 @click.option("--allow-incomplete", is_flag=True, help="Train on a store whose extraction has not finished.")
 @search_engine_options
 def fit(features, head, params, search, cv, seed, out, export_joblib, allow_incomplete, engine, address):
@@ -49,7 +49,7 @@ def fit(features, head, params, search, cv, seed, out, export_joblib, allow_inco
     click.echo(f"fit {head} ({shown}) on {meta['n_train']} rows x {meta['n_features']} features "
                f"in {meta['fit_seconds']:.2f} s -> {out}")
     if getattr(model, "joblib_path", None):
-        click.echo(f"pickle export -> {model.joblib_path} (load it only with --trust)")
+        click.echo(f"pickle export -> {model.joblib_path} (load it only with --trust-pickle)")
 
 
 COMMANDS = [fit]

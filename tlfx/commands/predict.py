@@ -6,6 +6,8 @@ import json
 
 import click
 
+from ._trust import trust_options
+
 
 @click.command()
 @click.option("--model", "model_path", required=True, type=click.Path(dir_okay=False), metavar="M",
@@ -13,8 +15,8 @@ import click
 @click.argument("images", nargs=-1, required=True, type=click.Path())
 @click.option("--top-k", type=click.IntRange(1, None), default=3, show_default=True, help="Classes shown per image.")
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
-@click.option("--trust", is_flag=True, help="Allow loading pickle-based model files (only files you made).")
-def predict(model_path, images, top_k, fmt, trust):
+@trust_options
+def predict(model_path, images, top_k, fmt, trust_types, trust_pickle):
     """Classify image files: rebuilds the model's backbone (same weights, layers, pooling, size), then its head.
 
     Files that cannot be read are reported and skipped; the others are still classified.
@@ -26,8 +28,9 @@ def predict(model_path, images, top_k, fmt, trust):
     """
     from ..api import predict as predict_images
     from ..errors import TlfxError
+    from ..safetext import terminal
 
-    rows = predict_images(model_path, list(images), top_k=top_k, trust=trust)
+    rows = predict_images(model_path, list(images), top_k=top_k, trust_types=trust_types, trust_pickle=trust_pickle)
     bad = [r for r in rows if "error" in r]
     if len(bad) == len(rows):
         raise TlfxError(f"none of the {len(rows)} image files could be read ({bad[0]['path']}: {bad[0]['error']}); "
@@ -44,14 +47,15 @@ def predict(model_path, images, top_k, fmt, trust):
             for rank, t in enumerate(r.get("top", []), 1):
                 w.writerow([r["path"], rank, t["class"], f"{t['probability']:.6f}", ""])
         click.echo(buf.getvalue(), nl=False)
-    else:
-        width = max(len(r["path"]) for r in rows)
-        for r in rows:
+    else:  # file and class names come from other people: control characters shown, never sent to the terminal
+        shown = [terminal(r["path"]) for r in rows]
+        width = max(len(p) for p in shown)
+        for p, r in zip(shown, rows):
             if "error" in r:
-                click.echo(f"{r['path']:<{width}}  unreadable: {r['error']}")
+                click.echo(f"{p:<{width}}  unreadable: {terminal(r['error'])}")
             else:
-                tops = "   ".join(f"{t['class']} {t['probability']:.3f}" for t in r["top"])
-                click.echo(f"{r['path']:<{width}}  {tops}")
+                tops = "   ".join(f"{terminal(t['class'])} {t['probability']:.3f}" for t in r["top"])
+                click.echo(f"{p:<{width}}  {tops}")
     if bad:
         click.echo(f"{len(bad)} of {len(rows)} files could not be read and were skipped", err=True)
 
