@@ -21,7 +21,6 @@ import numpy as np
 from . import __version__, training
 from .errors import TlfxError
 from .metrics import scores
-from .models import FEATURE_CONFIG_KEYS as CONFIG_KEYS
 from .models import config_differences
 from .safetext import terminal
 from .store import FeatureStore
@@ -112,7 +111,7 @@ def open_pair(train: str, test: str, allow_incomplete: bool = False) -> tuple[Fe
     """Open the train and test stores and refuse pairs whose features or classes are not comparable."""
     tr = FeatureStore(train, allow_incomplete=allow_incomplete)
     te = FeatureStore(test, allow_incomplete=allow_incomplete)
-    detail = config_differences(tr.config, te.config, CONFIG_KEYS, names=("", ""))
+    detail = config_differences(tr.config, te.config, names=("", ""))
     if detail:
         raise TlfxError(f"train store {train!r} and test store {test!r} were made with different backbone "
                         f"configurations ({terminal(detail)}); extract both with the same "

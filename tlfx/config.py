@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
-# compared everywhere; ``precision`` is recorded but only compared when resuming a store (bf16 and fp32 features
-# of one network agree to 0.01 accuracy points, docs/performance.md)
+# what must agree between a model and its inputs; ``precision`` is recorded but only compared when resuming a
+# store (bf16 and fp32 features of one network agree to 0.01 accuracy points, docs/performance.md)
 COMPARED = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess")
+RESUME = (*COMPARED, "precision")
 
 
 @dataclass(frozen=True)
@@ -49,16 +50,14 @@ class FeatureConfig:
 
     @staticmethod
     def _same(key: str, a, b) -> bool:
-        if key == "weights":  # the file's content decides; where it lies does not
+        if key == "weights":  # the file's name and content decide; where it lies does not
             a, b = a or {}, b or {}
-            if a.get("sha256") or b.get("sha256"):
-                return a.get("sha256") == b.get("sha256")
-            return a.get("name") == b.get("name")
-        return a == b
+            return (a.get("name"), a.get("sha256") or "") == (b.get("name"), b.get("sha256") or "")
+        return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
-    def diff(self, other: FeatureConfig, names=("model", "store"), precision: bool = False) -> list[str]:
-        """Readable differences from ``other`` (empty when they agree): ``["image_size: model 64 vs store 96"]``."""
-        keys = (*COMPARED, "precision") if precision else COMPARED
+    def diff(self, other: FeatureConfig, names=("model", "store"), keys=COMPARED) -> list[str]:
+        """Readable differences from ``other`` on ``keys`` (empty when they agree):
+        ``["image_size: model 64 vs store 96"]``."""
         left, right = (f"{n} " if n else "" for n in names)
         return [f"{k}: {left}{_show(getattr(self, k))} vs {right}{_show(getattr(other, k))}"
                 for k in keys if not self._same(k, getattr(self, k), getattr(other, k))]

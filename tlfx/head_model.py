@@ -18,12 +18,11 @@ import numpy as np
 
 from . import __version__
 from . import models as _models
+from .config import FeatureConfig
 from .errors import TlfxError
-from .models import FEATURE_CONFIG_KEYS, Model, Trust, check_config, no_network, register_model_kind, write_atomically
+from .models import Model, Trust, check_config, no_network, register_model_kind, write_atomically
 
 HEAD_MEMBER = "head.skops"
-# the part of a store's configuration that decides what features mean (what a model needs to run again)
-MODEL_CONFIG_KEYS = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess", "precision")
 # scikit-learn types the heads use that skops does not trust by default, but rebuilds from plain arrays only
 EXTRA_TRUSTED = ("sklearn.tree._tree.Tree",)
 # the skops member is itself a zip (schema.json + one .npy per array): bound what it may unpack to
@@ -52,7 +51,7 @@ class HeadModel(Model):
             "params": {k: _plain(v) for k, v in (params or {}).items()},
             "all_params": {k: _plain(v) for k, v in est.get_params(deep=False).items()},
             "class_names": list(class_names),
-            "config": {k: (config or {}).get(k) for k in MODEL_CONFIG_KEYS},
+            "config": FeatureConfig.from_dict(config).to_dict(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),
             "tlfx_version": __version__,
         }
@@ -176,9 +175,7 @@ def build_computer(config: dict, device=None):
                         f"{w.get('path') or '-'}); place that weights file there and run again")
     layers, pooling, size = config.get("layers") or "penultimate", config.get("pooling") or "avg", config.get("image_size")
     # the same check evaluate makes against a store: the backbone as rebuilt here must make the same features
-    recorded = {k: config[k] for k in FEATURE_CONFIG_KEYS if config.get(k) is not None}  # older files record less
-    rebuilt = {k: v for k, v in bb.config(layers, pooling, size).items() if k in recorded}
-    check_config(recorded, rebuilt, f"backbone {name!r} as installed here",
+    check_config(config, bb.config(layers, pooling, size), f"backbone {name!r} as installed here",
                  "install the backbone (plugin) version the model was made with, or fit the head again on its features")
     precision = config.get("precision") or "auto"
     try:

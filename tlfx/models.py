@@ -22,6 +22,7 @@ import tempfile
 import zipfile
 import zlib
 
+from .config import COMPARED, FeatureConfig
 from .errors import TlfxError
 
 MODEL_FORMAT_VERSION = 1
@@ -396,28 +397,9 @@ def _offline_environment():
                 (saved["HF_HUB_OFFLINE"] or "").upper() in ("1", "ON", "YES", "TRUE")
 
 
-FEATURE_CONFIG_KEYS = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess")
-
-
-def _comparable(config: dict, keys) -> dict:
-    """Values as JSON has them (tuples are lists), weights by name and sha256 (not where the file lies)."""
-    out = {}
-    for k in keys:
-        v = config.get(k)
-        if k == "weights" and isinstance(v, dict):
-            v = {"name": v.get("name"), "sha256": v.get("sha256")}
-        out[k] = json.loads(json.dumps(v, default=str))
-    return out
-
-
-def config_differences(a: dict, b: dict, keys=FEATURE_CONFIG_KEYS, names=("model", "")) -> str:
-    """'' when ``a`` and ``b`` agree on ``keys``, else a readable list of the differences (weights by name)."""
-    def show(v):
-        return v.get("name") if isinstance(v, dict) and "sha256" in v else v
-
-    a, b = _comparable(a, keys), _comparable(b, keys)
-    left, right = (f"{n} " if n else "" for n in names)
-    return "; ".join(f"{k}: {left}{show(a.get(k))} vs {right}{show(b.get(k))}" for k in keys if a.get(k) != b.get(k))
+def config_differences(a: dict, b: dict, keys=COMPARED, names=("model", "")) -> str:
+    """'' when configurations ``a`` and ``b`` agree on ``keys``, else a readable list of the differences."""
+    return "; ".join(FeatureConfig.from_dict(a).diff(FeatureConfig.from_dict(b), names=names, keys=keys))
 
 
 def check_config(model_config: dict, other_config: dict, what: str, fix: str = "extract it with the model's configuration"):
@@ -425,6 +407,7 @@ def check_config(model_config: dict, other_config: dict, what: str, fix: str = "
 
     ``what`` names the other side ("store 't.h5'", "the backbone as installed here"); ``fix`` says what to do.
     """
-    detail = config_differences(model_config, other_config)
+    recorded = [k for k in COMPARED if (model_config or {}).get(k) is not None]  # older files record less
+    detail = config_differences(model_config, other_config, keys=recorded)
     if detail:
         raise TlfxError(f"{what} was made with another backbone configuration than the model ({detail}); {fix}")
