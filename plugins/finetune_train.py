@@ -4,7 +4,7 @@ A registered backbone's torch module gets a new classification layer for the dat
 chooses what trains (``all``, ``head``, or ``last:N`` stages + the new layer), earlier groups with lower learning
 rates. Each finished epoch is checkpointed atomically to ``OUT.ckpt`` (tensors and plain containers only, so it
 loads with ``torch.load(weights_only=True)``); running the same command again resumes after the last finished
-epoch. The result is a :class:`plugins.finetune.FinetuneModel` file.
+epoch. The result is a :class:`tlfx_plugins.finetune.FinetuneModel` file.
 """
 
 from __future__ import annotations
@@ -20,7 +20,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from plugins.finetune_config import (  # noqa: F401  (re-exported)
+from tlfx import __version__
+from tlfx.backbone import Backbone, create_backbone
+from tlfx.datasets import ImageDataset, load_dataset
+from tlfx.errors import TlfxError
+from tlfx.images import BadImage, preprocess_image
+from tlfx.preprocess import Preprocess
+from tlfx.runtime import autocast, default_workers, pick_device, resolve_precision
+from tlfx_plugins.finetune_config import (  # noqa: F401  (re-exported)
     AUGMENTS,
     CKPT_FORMAT,
     DEFAULT_LR,
@@ -33,13 +40,6 @@ from plugins.finetune_config import (  # noqa: F401  (re-exported)
     parse_augment,
     parse_unfreeze,
 )
-from tlfx import __version__
-from tlfx.backbone import Backbone, create_backbone
-from tlfx.datasets import ImageDataset, load_dataset
-from tlfx.errors import TlfxError
-from tlfx.images import BadImage, preprocess_image
-from tlfx.preprocess import Preprocess
-from tlfx.runtime import autocast, default_workers, pick_device, resolve_precision
 
 
 # ------------------------------------------------------------------------------------------------ network
@@ -393,9 +393,9 @@ def finetune(out: str, config: FinetuneConfig | None = None, *, restart: bool = 
 
     Resumes from ``out + '.ckpt'`` when it exists (same configuration; ``epochs`` may grow); ``restart`` ignores
     it. ``stop_after`` ends the run after that many epochs in this call, as a kill would (tests, time boxes).
-    Returns the :class:`plugins.finetune.FinetuneModel`.
+    Returns the :class:`tlfx_plugins.finetune.FinetuneModel`.
     """
-    from plugins.finetune import FinetuneModel
+    from tlfx_plugins.finetune import FinetuneModel
 
     cfg = config or FinetuneConfig(**options)
     if config is not None and options:

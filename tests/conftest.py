@@ -67,7 +67,7 @@ def digits_stores(tmp_path_factory):
 @pytest.fixture(scope="session")
 def fashion_png_dir(tmp_path_factory):
     """A real image folder: 10 classes x 6 Fashion-MNIST images as PNG and JPEG, mixed sizes and modes."""
-    from plugins.datasets import fashion_mnist
+    from tlfx_plugins.datasets import fashion_mnist
 
     ds = fashion_mnist(None, split="test")
     root = tmp_path_factory.mktemp("fashion_imgs")

@@ -25,7 +25,7 @@ def _resize_then_crop(img, pre):
 @needs_fashion
 @pytest.mark.parametrize("interpolation", ["bilinear", "bicubic", "lanczos", "nearest"])
 def test_box_resize_gives_the_pixels_of_resize_then_crop(interpolation):
-    from plugins.datasets import fashion_mnist
+    from tlfx_plugins.datasets import fashion_mnist
 
     ds = fashion_mnist(None, split="test")
     pre = Preprocess(256, 224, interpolation=interpolation)

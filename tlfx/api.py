@@ -68,7 +68,7 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
     """
     from sklearn.base import clone
 
-    from .heads import create_head, param_grid
+    from .heads import check_loadable, create_head, param_grid
 
     store = features if isinstance(features, FeatureStore) else FeatureStore(features, allow_incomplete=allow_incomplete)
     params = dict(params or {})
@@ -123,6 +123,7 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
                                             "fit_seconds": fit_seconds, "train_seconds": fit_seconds,
                                             "seed": seed, "tlfx_version": __version__})
     if out:
+        check_loadable(est, head)  # a file evaluate/predict would refuse is not written
         model.save(out)
         model.path = out
         if export_joblib:

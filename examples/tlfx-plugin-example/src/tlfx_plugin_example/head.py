@@ -72,3 +72,19 @@ class NearestClassMean(ClassifierMixin, BaseEstimator):
     def predict(self, X):
         nearest = np.argmin(self._distances(X), axis=1)  # checks fitted-ness before classes_ is touched
         return self.classes_[nearest]
+
+
+def pca_logistic(**params):
+    """Head ``pca_logistic``: a scikit-learn Pipeline (standardise, PCA, logistic regression).
+
+    Its parameters are the pipeline's nested names, ``pca__n_components`` or ``logisticregression__C``, for
+    ``tlfx fit --param`` and ``param_grid`` alike. scikit-learn is imported here, when the head is built, so
+    ``tlfx heads`` stays fast.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    pipe = make_pipeline(StandardScaler(), PCA(n_components=16, random_state=0), LogisticRegression(C=1.0, max_iter=1000))
+    return pipe.set_params(**params)
