@@ -103,14 +103,38 @@ class SVMHead(ClassifierHead):
                 svc = CalibratedClassifierCV(svc, method="sigmoid", ensemble=False, cv=min(3, _min_count(y_idx)))
             self.model_ = _scaled(self.standardize, svc)
         self.model_.fit(X, y_idx)
+        if self.calibrated_:
+            self._keep_platt_coefficients()
+
+    def _keep_platt_coefficients(self):
+        """Keep the fitted SVC and its per-class sigmoid ``(a, b)`` as ``platt_``, not the calibrator objects:
+        those are private scikit-learn classes (``_CalibratedClassifier``, ``_SigmoidCalibration``) that model
+        files refuse to load. :meth:`_proba` recomputes exactly what ``CalibratedClassifierCV`` would."""
+        calibrated = self.model_.steps[-1][1].calibrated_classifiers_[0]  # ensemble=False: one
+        self.platt_ = np.array([[c.a_, c.b_] for c in calibrated.calibrators], dtype=np.float64)
+        self.model_.steps[-1] = (self.model_.steps[-1][0], calibrated.estimator)
 
     def _proba(self, X):
-        if self.calibrated_:
-            return self.model_.predict_proba(X)
         d = self.model_.decision_function(X)
+        if self.calibrated_:
+            return _platt_proba(d, self.platt_, len(self.classes_))
         if d.ndim == 1:  # two classes: one signed margin
             d = np.stack([-d, d], axis=1)
         return softmax(d)
+
+
+def _platt_proba(d, platt, n_classes):
+    """CalibratedClassifierCV(method="sigmoid")'s probabilities from decision values ``d`` and per-class ``(a, b)``:
+    one-vs-rest sigmoids normalised to sum to one (binary: the positive class's sigmoid and its complement)."""
+    d = d.reshape(-1, 1) if d.ndim == 1 else d
+    p = 1.0 / (1.0 + np.exp(platt[:, 0] * d + platt[:, 1]))  # expit(-(a * d + b))
+    if n_classes == 2:
+        proba = np.concatenate([1.0 - p[:, :1], p[:, :1]], axis=1)
+    else:
+        total = p.sum(axis=1, keepdims=True)
+        proba = np.divide(p, total, out=np.full_like(p, 1.0 / n_classes), where=total != 0)
+    proba[(proba > 1.0) & (proba <= 1.0 + 1e-5)] = 1.0
+    return proba
 
 class RandomForestHead(ClassifierHead):
     """A random forest; needs no feature scaling. ``n_jobs=-1`` uses every core."""

@@ -43,7 +43,7 @@ def test_plugin_discovery_imports_neither_sklearn_nor_torch():
     """Plugin discovery stays fast: every first-party plugin loads and registers (heads and pixels as
     "module:Class" strings) without scikit-learn (scipy) or torch, which load when a head or backbone is built."""
     code = ("import sys; import tlfx; pm = tlfx.get_plugin_manager(); "
-            "[pm.registry(k) for k in ('backbone', 'head', 'dataset')]; tlfx.heads.param_grid('svm'); "
+            "[pm.registry(k) for k in ('backbone', 'head', 'dataset')]; from tlfx.heads import param_grid; param_grid('svm'); "
             "print([r.name for r in pm.records if r.error]); "
             "print(sorted(x for x in ('sklearn', 'scipy', 'torch') if x in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=True)
@@ -256,3 +256,13 @@ def test_nested_pipeline_params_work_for_param_as_for_search(head_plugin_dir, di
                   "--out", tmp_path / "q.tlfx", env=env)
     assert bad.returncode == 2 and "has no parameter 'logisticregresion__C'" in bad.stderr
     assert "logisticregression__C" in bad.stderr and not (tmp_path / "q.tlfx").exists()
+
+
+def test_calibrated_svm_model_file_loads_back(digits_stores, tmp_path):
+    """probability=True used to keep scikit-learn's private calibrator classes, so the model file was written and
+    then refused by every evaluate/predict; the head now keeps plain Platt coefficients."""
+    out = tmp_path / "svm.tlfx"
+    model = tlfx.fit(digits_stores[0], "svm", {"probability": True}, out=str(out))
+    assert model.estimator.calibrated_ and model.estimator.platt_.shape == (10, 2)
+    rep = tlfx.evaluate(str(out), digits_stores[1])
+    assert rep["accuracy"] > 0.5
