@@ -40,11 +40,11 @@ def test_head_contract(params):
     check_head(NearestClassMean(**params))
 
 
-@pytest.mark.parametrize("params", [{}, {"pca__n_components": 4, "logisticregression__C": 0.5}])
+@pytest.mark.parametrize("params", [{}, {"pca__n_components": 0.8, "logisticregression__C": 0.5}])
 def test_pipeline_head_contract(params):
     """A Pipeline head: scikit-learn's checks, tlfx's own, and nested parameter names."""
     head = check_head("pca_logistic", **params)
-    assert head.get_params()["pca__n_components"] == params.get("pca__n_components", 16)
+    assert head.get_params()["pca__n_components"] == params.get("pca__n_components", 0.95)
     check_head(pca_logistic(**params))
 
 

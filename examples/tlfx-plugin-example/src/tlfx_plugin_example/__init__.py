@@ -38,7 +38,7 @@ def register_heads(register):
              param_grid={"metric": ["cosine", "euclidean"], "temperature": [0.01, 0.03, 0.1, 0.3]})
     register("pca_logistic", pca_logistic,
              description="example plugin: Pipeline of standardise, PCA, logistic regression (nested parameters)",
-             param_grid={"pca__n_components": [8, 16, 32], "logisticregression__C": [0.1, 1.0]})
+             param_grid={"pca__n_components": [0.8, 0.95], "logisticregression__C": [0.1, 1.0]})
 
 
 @tlfx.hookimpl
