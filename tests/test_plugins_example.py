@@ -62,8 +62,12 @@ def test_tlfx_plugins_lists_the_installed_package(installed):
     assert ex["error"] is None
     assert ex["provides"] == ["backbone", "head", "dataset", "command"]
     assert ex["module"] == "tlfx_plugin_example"
-    assert ex["source"] == "entry point (tlfx-plugin-example 0.1.0)"
+    assert ex["source"] == "entry point (tlfx-plugin-example 0.1.0)" and ex["version"] == "0.1.0" and not ex["skipped"]
+    assert ex["hooks"] == ["register_backbones", "register_commands", "register_datasets", "register_heads"]
     assert rows["datasets"]["error"] is None  # first-party plugins unaffected
+    assert rows["datasets"]["source"].startswith("tlfx ") and rows["datasets"]["module"] == "tlfx_plugins.datasets"
+    heads = {r["name"]: r for r in json.loads(run_cli("heads", "--json", env=env_for(installed), check=True).stdout)}
+    assert heads["pca_logistic"]["plugin"] == "example" and heads["pca_logistic"]["clash"] == []
 
 
 def test_extract_fit_command_and_predict_through_the_cli(installed, tmp_path):

@@ -252,8 +252,9 @@ def check_head(head, *, expected_failed: dict[str, str] | None = None, sklearn_c
     The scikit-learn estimator contract (``get_params``/``set_params``/``clone``, ``NotFittedError`` before
     ``fit``, input validation, pickling, ``classes_``...) is scikit-learn's own :func:`check_estimator`;
     ``expected_failed`` maps the checks your head is known to fail to the reason (scikit-learn's
-    ``expected_failed_checks``); a ``Pipeline`` head is expected to fail :data:`PIPELINE_EXPECTED_FAILED`. ``sklearn_checks=False`` leaves them out, for a test suite that runs them one
-    test per check with :func:`sklearn.utils.estimator_checks.parametrize_with_checks`, as tlfx's own does.
+    ``expected_failed_checks``); a ``Pipeline`` head is expected to fail :data:`PIPELINE_EXPECTED_FAILED`.
+    ``sklearn_checks=False`` leaves them out, for a test suite that runs them one test per check with
+    :func:`sklearn.utils.estimator_checks.parametrize_with_checks`, as tlfx's own does.
 
     tlfx's own checks: the registered ``param_grid`` names real (nested) parameters; float32 features with labels
     1, 4, 7 give ``classes_ == [1, 4, 7]`` and a head that learns them; ``predict`` is exactly the ``classes_``
