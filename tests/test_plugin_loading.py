@@ -474,3 +474,16 @@ def test_guide_documents_every_hook_with_its_signature():
     for name in HOOK_NAMES:
         sig = f"{name}{inspect.signature(getattr(hookspecs, name))}"
         assert f"### `{sig}`" in text, f"docs/plugins.md has no section for {sig}"
+
+
+def test_first_party_plugins_import_as_tlfx_plugins_from_this_checkout(tmp_path):
+    """tlfx's own plugins are the package tlfx_plugins (no top-level "plugins" to collide with another project's),
+    taken from the checkout whose tlfx runs, also with only PYTHONPATH pointing at it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tlfx.plugins, tlfx_plugins.sklearn_heads as m; print(m.__file__); "
+            "print('plugins' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout.split()
+    assert out == [str(ROOT / "plugins" / "sklearn_heads.py"), "False"]

@@ -100,6 +100,35 @@ if not any(isinstance(f, _LocalPluginFinder) for f in sys.meta_path):
     sys.meta_path.append(_LocalPluginFinder())
 
 
+_SOURCE_ROOT = Path(__file__).resolve().parents[1]
+
+
+class _SourcePluginsFinder(importlib.abc.MetaPathFinder):
+    """In a source checkout, ``tlfx_plugins`` is the ``plugins/`` folder beside this ``tlfx``, even when another
+    checkout's editable install is on the path: ``PYTHONPATH=<checkout>`` then runs one tree's code throughout."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        folder = _SOURCE_ROOT / "plugins"
+        if fullname == "tlfx_plugins":
+            return importlib.util.spec_from_file_location(fullname, folder / "__init__.py",
+                                                          submodule_search_locations=[str(folder)])
+        if fullname.startswith("tlfx_plugins.") and fullname.count(".") == 1:
+            return importlib.machinery.PathFinder.find_spec(fullname, [str(folder)])
+        return None
+
+
+def _is_source_checkout() -> bool:
+    project = _SOURCE_ROOT / "pyproject.toml"
+    try:
+        return (_SOURCE_ROOT / "plugins" / "__init__.py").is_file() and 'name = "tlfx"' in project.read_text()
+    except OSError:
+        return False
+
+
+if _is_source_checkout() and not any(isinstance(f, _SourcePluginsFinder) for f in sys.meta_path):
+    sys.meta_path.insert(0, _SourcePluginsFinder())
+
+
 def trace(message: str):
     """Log ``message`` to stderr when ``TLFX_TRACE_PLUGINS`` is set (datasette's DATASETTE_TRACE_PLUGINS)."""
     if os.environ.get(TRACE_PLUGINS_ENV, "") not in ("", "0"):
