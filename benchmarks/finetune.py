@@ -64,8 +64,8 @@ def main(argv=None):
 
     import numpy as np
 
-    from plugins.finetune_train import finetune
     from tlfx.datasets import load_dataset
+    from tlfx_plugins.finetune_train import finetune
 
     load0 = os.getloadavg()
     tmp = tempfile.mkdtemp(prefix="tlfx-ft-bench-")

@@ -36,8 +36,8 @@ def weights_available(variant: int):
 def build(variant: int, weights: str | None = None):
     import timm
 
-    from plugins.timm_backbones import backbone_from_timm
     from tlfx.backbone import apply_state_dict, load_state_dict_file
+    from tlfx_plugins.timm_backbones import backbone_from_timm
 
     model = timm.create_model(f"tf_efficientnet_lite{variant}", pretrained=False)
     if weights == "none":

@@ -4,7 +4,7 @@ model kind, which ``tlfx evaluate``, ``tlfx predict`` and ``tlfx compare --finet
 A finetune model file is the same zip container as a head model: ``meta.json`` plus ``weights.safetensors``
 (the whole fine-tuned network), so loading it runs no code. The architecture is rebuilt from the registered
 backbone (random init) and the weights are loaded into it. This module stays light (no torch at import);
-the engine is :mod:`plugins.finetune_train`.
+the engine is :mod:`tlfx_plugins.finetune_train`.
 """
 
 from __future__ import annotations
@@ -61,9 +61,9 @@ class FinetuneModel(Model):
         if self._net is None:
             import torch
 
-            from plugins.finetune_train import FinetuneNet
             from tlfx.backbone import create_backbone
             from tlfx.runtime import pick_device
+            from tlfx_plugins.finetune_train import FinetuneNet
 
             m = self.meta
             with no_network():  # the architecture only (random init): nothing to download
@@ -87,9 +87,9 @@ class FinetuneModel(Model):
         return Preprocess(p["resize"], p["crop"], tuple(p["mean"]), tuple(p["std"]), p.get("interpolation", "bilinear"))
 
     def _run(self, ds, indices, batch_size=64, workers=None):
-        from plugins.finetune_train import eval_batches, predict_proba
         from tlfx.pipeline import Normalizer
         from tlfx.runtime import default_workers, resolve_precision
+        from tlfx_plugins.finetune_train import eval_batches, predict_proba
 
         if self._fast_net is None:  # inference only: batch norms folded into the convolutions
             from tlfx.fold import fold_batchnorm
@@ -246,12 +246,12 @@ def finetune_command(out, restart, quiet, **options):
       tlfx evaluate --model ft.tlfx --features test.h5
       tlfx compare --train tr.h5 --test te.h5 --heads svm,linear --finetune ft.tlfx --out report
     """
-    from plugins.finetune_config import FinetuneConfig
+    from tlfx_plugins.finetune_config import FinetuneConfig
 
     options["device"] = None if options["device"] == "auto" else options["device"]
     cfg = FinetuneConfig(**options).validate()  # bad values end here, before torch is imported
 
-    from plugins.finetune_train import finetune
+    from tlfx_plugins.finetune_train import finetune
 
     model = finetune(out, cfg, restart=restart, quiet=quiet, progress=not quiet and sys.stderr.isatty())
     if model is not None:

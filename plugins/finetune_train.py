@@ -4,7 +4,7 @@ A registered backbone's torch module gets a new classification layer for the dat
 chooses what trains (``all``, ``head``, or ``last:N`` stages + the new layer), earlier groups with lower learning
 rates. Each finished epoch is checkpointed atomically to ``OUT.ckpt`` (tensors and plain containers only, so it
 loads with ``torch.load(weights_only=True)``); running the same command again resumes after the last finished
-epoch. The result is a :class:`plugins.finetune.FinetuneModel` file.
+epoch. The result is a :class:`tlfx_plugins.finetune.FinetuneModel` file.
 """
 
 from __future__ import annotations
@@ -21,7 +21,14 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 
-from plugins.finetune_config import (  # noqa: F401  (re-exported)
+from tlfx import __version__
+from tlfx.backbone import Backbone, create_backbone, pool
+from tlfx.datasets import ImageDataset, load_dataset
+from tlfx.errors import TlfxError
+from tlfx.pipeline import DecodedImages, Normalizer, collate, image_batches
+from tlfx.preprocess import Preprocess
+from tlfx.runtime import autocast, default_workers, pick_device, resolve_precision, worker_init
+from tlfx_plugins.finetune_config import (  # noqa: F401  (re-exported)
     AUGMENTS,
     CKPT_FORMAT,
     DEFAULT_LR,
@@ -34,13 +41,6 @@ from plugins.finetune_config import (  # noqa: F401  (re-exported)
     parse_augment,
     parse_unfreeze,
 )
-from tlfx import __version__
-from tlfx.backbone import Backbone, create_backbone, pool
-from tlfx.datasets import ImageDataset, load_dataset
-from tlfx.errors import TlfxError
-from tlfx.pipeline import DecodedImages, Normalizer, collate, image_batches
-from tlfx.preprocess import Preprocess
-from tlfx.runtime import autocast, default_workers, pick_device, resolve_precision, worker_init
 
 
 # ------------------------------------------------------------------------------------------------ network
@@ -649,7 +649,7 @@ def _model_meta(cfg: FinetuneConfig, bb: Backbone, data: _Data, tr: _Training, s
 
 def _final_model(out: str, cfg: FinetuneConfig, bb: Backbone, data: _Data, tr: _Training, st: _Progress, log: _Log):
     """Write the model file with the best epoch's weights (the last ones without validation)."""
-    from plugins.finetune import FinetuneModel
+    from tlfx_plugins.finetune import FinetuneModel
 
     final = st.best_state if st.best_state is not None else {k: v.detach().cpu() for k, v in tr.net.state_dict().items()}
     model = FinetuneModel(_model_meta(cfg, bb, data, tr, st), final)
@@ -670,7 +670,7 @@ def finetune(out: str, config: FinetuneConfig | None = None, *, restart: bool = 
 
     Resumes from ``out + '.ckpt'`` when it exists (same configuration; ``epochs`` may grow); ``restart`` ignores
     it. ``stop_after`` ends the run after that many epochs in this call, as a kill would (tests, time boxes).
-    Returns the :class:`plugins.finetune.FinetuneModel`.
+    Returns the :class:`tlfx_plugins.finetune.FinetuneModel`.
     """
     cfg = _config(config, options)
     log = _Log(quiet)

@@ -1,48 +1,23 @@
-"""The ``pixels`` baseline backbone: the image resized to 32x32 (``--image-size`` to change), raw pixels flattened.
+"""The ``pixels`` baseline backbones: the image resized to 32x32, raw pixels flattened (no transfer learning).
 
-It has no weights and learns nothing, so heads trained on its "features" show what the task costs without
-transfer learning. It is a tiny torch module, so it runs through the same extraction engine and store format as
-every real backbone. ``pixels`` keeps RGB (3 x 32 x 32 = 3072 values), ``pixels_grey`` averages the channels
-(1024 values). Values are in [0, 1] (preprocess mean 0, std 1).
+Registered as ``"module:function"`` strings, so torch is imported when a pixels backbone is built, not on plugin
+discovery; the module and factories are in :mod:`tlfx_plugins.pixels_backbone`.
 """
 
-from __future__ import annotations
-
-from torch import nn
-
 import tlfx
-from tlfx.backbone import Backbone, Preprocess, WeightsInfo
-from tlfx.errors import TlfxError
 
-SIZE = 32
+MODULE = "tlfx_plugins.pixels_backbone"
 
 
-class Pixels(nn.Module):
-    """``[N, C, H, W]`` -> ``[N, C*H*W]`` (or ``[N, H*W]`` with ``grey``)."""
-
-    def __init__(self, grey: bool = False):
-        super().__init__()
-        self.grey = grey
-
-    def forward(self, x):
-        if self.grey:
-            x = x.mean(1, keepdim=True)
-        return x.flatten(1)
-
-
-def build(grey: bool, weights: str | None = None) -> Backbone:
-    if weights not in (None, "none"):
-        raise TlfxError(f"backbone 'pixels' has no weights; drop --weights {weights!r}")
-    pre = Preprocess(SIZE, SIZE, mean=(0.0, 0.0, 0.0), std=(1.0, 1.0, 1.0), interpolation="bilinear")
-    return Backbone(name="pixels_grey" if grey else "pixels", module=Pixels(grey), preprocess=pre,
-                    weights=WeightsInfo("none"), stages=[], classifier=None)
+def _no_weights_needed():
+    return True, "no weights needed"
 
 
 @tlfx.hookimpl
 def register_backbones(register):
-    register("pixels", lambda weights=None, **options: build(False, weights),
+    register("pixels", f"{MODULE}:pixels",
              description="baseline without transfer: raw RGB pixels at 32x32 (--image-size), flattened",
-             weights_available=lambda: (True, "no weights needed"))
-    register("pixels_grey", lambda weights=None, **options: build(True, weights),
+             weights_available=_no_weights_needed)
+    register("pixels_grey", f"{MODULE}:pixels_grey",
              description="baseline without transfer: grey pixels at 32x32 (--image-size), flattened",
-             weights_available=lambda: (True, "no weights needed"))
+             weights_available=_no_weights_needed)

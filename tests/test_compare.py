@@ -192,8 +192,8 @@ def test_out_must_be_a_directory(digits_stores, tmp_path):
 
 def test_gallery_images_come_from_the_dataset_by_id(report_run, digits_stores):
     """Built-in datasets are re-loaded and indexed by the store's ids (digits ids are original indices)."""
-    from plugins.datasets import digits
     from tlfx.report.figures import load_gallery_images
+    from tlfx_plugins.datasets import digits
 
     st = FeatureStore(digits_stores[1])
     ids = st.ids[:5]
@@ -273,7 +273,7 @@ def test_colour_images_keep_the_rgb_pixels_baseline(tmp_path):
 
 def test_pixels_backbone_is_the_resized_image(tmp_path):
     """The baseline's features are the 32x32 image itself, scaled to [0, 1]."""
-    from plugins.datasets import digits
+    from tlfx_plugins.datasets import digits
 
     res = tlfx.extract("pixels", "digits", str(tmp_path / "p.h5"), split="test", limit=3, precision="fp32")
     st = FeatureStore(res.path)

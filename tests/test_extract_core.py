@@ -143,7 +143,7 @@ def test_torchvision_offline_message_names_file_and_directory(tmp_path):
 def _write_hub_checkpoint(arch, torch_home):
     import torchvision
 
-    from plugins.torchvision_backbones import default_weights
+    from tlfx_plugins.torchvision_backbones import default_weights
 
     ckpt = torch_home / "hub" / "checkpoints"
     ckpt.mkdir(parents=True)
@@ -204,7 +204,7 @@ def test_vgg16_runs_from_hub_cache_checkpoint(tmp_path):
 
 
 def test_torchvision_stages_cover_every_listed_architecture():
-    from plugins.torchvision_backbones import ARCHS, build
+    from tlfx_plugins.torchvision_backbones import ARCHS, build
 
     for arch in ARCHS:
         bb = build(arch, weights="none")

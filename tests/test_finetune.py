@@ -21,9 +21,15 @@ from conftest import run_cli
 from PIL import Image
 
 import tlfx
-from plugins.finetune import FinetuneModel
-from plugins.finetune_config import FinetuneConfig
-from plugins.finetune_train import (
+from tlfx.backbone import Backbone
+from tlfx.datasets import FileDataset, load_dataset
+from tlfx.errors import TlfxError
+from tlfx.extract import FeatureComputer
+from tlfx.pipeline import collate
+from tlfx.preprocess import Preprocess, WeightsInfo
+from tlfx_plugins.finetune import FinetuneModel
+from tlfx_plugins.finetune_config import FinetuneConfig
+from tlfx_plugins.finetune_train import (
     AugmentedImages,
     Schedule,
     build_network,
@@ -32,12 +38,6 @@ from plugins.finetune_train import (
     load_checkpoint,
     param_groups,
 )
-from tlfx.backbone import Backbone
-from tlfx.datasets import FileDataset, load_dataset
-from tlfx.errors import TlfxError
-from tlfx.extract import FeatureComputer
-from tlfx.pipeline import collate
-from tlfx.preprocess import Preprocess, WeightsInfo
 
 # a few real optimisation steps: 96 training / 24 validation digits, 6 steps of 16 per epoch, last stage unfrozen
 KW = dict(data="digits", limit=120, image_size=32, epochs=2, unfreeze="last:1", augment="none", batch_size=16,

@@ -182,8 +182,8 @@ GOOD_LABELS = _idx(1, 8, [2], bytes([1, 2]))
     (_idx(3, 8, [2, 28, 28], bytes(2 * 784)), _idx(1, 8, [2], bytes([0, 200])), "labels 0-9 expected"),
 ])
 def test_malformed_idx_files_are_refused_with_the_reason(tmp_path, images, labels, needle):
-    from plugins.datasets import fashion_mnist
     from tlfx.errors import TlfxError
+    from tlfx_plugins.datasets import fashion_mnist
 
     (tmp_path / "t10k-images-idx3-ubyte.gz").write_bytes(images)
     (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(labels)
@@ -203,7 +203,7 @@ def test_malformed_idx_file_is_one_line_exit_2(tmp_path):
 
 
 def test_wellformed_idx_files_still_load(tmp_path):
-    from plugins.datasets import fashion_mnist
+    from tlfx_plugins.datasets import fashion_mnist
 
     pixels = np.arange(2 * 784, dtype=np.uint8).tobytes()
     (tmp_path / "t10k-images-idx3-ubyte").write_bytes(_idx(3, 8, [2, 28, 28], pixels, gz=False))

@@ -189,7 +189,7 @@ def test_invalid_registrations_are_refused_with_the_reason(tmp_path):
     assert "head 'nb': factory 'not callable' is not callable" in err
 
 
-def test_duplicate_names_raise_one_line_naming_both_plugins(tmp_path):
+def test_duplicate_name_is_unusable_alone_with_one_line_naming_both_plugins(tmp_path):
     d = write(tmp_path / "p", dup='''
         import tlfx
 
@@ -198,11 +198,55 @@ def test_duplicate_names_raise_one_line_naming_both_plugins(tmp_path):
             register("digits", lambda arg, split=None, root=None: None, description="a second digits")
         ''')
     pm = PluginManager([str(d)])
+    reg = pm.registry("dataset")  # the registry builds: only the clashing name is unusable
+    assert "digits" in reg.names() and reg.clash("digits") == ["datasets", "dup"]
+    assert reg.get("imagefolder").plugin == "datasets"
     with pytest.raises(DuplicateNameError) as exc:
-        pm.registry("dataset")
+        reg.get("digits")
     msg = str(exc.value)
     assert "\n" not in msg and "'digits'" in msg and "'datasets'" in msg and "'dup'" in msg
+    assert "TLFX_LOAD_PLUGINS=''" in msg  # tlfx's own plugin always loads: leave the other one out
     assert isinstance(exc.value, TlfxError)
+    assert "is registered twice" in record(pm, "dup").error and "is registered twice" in record(pm, "datasets").error
+
+
+def test_unknown_register_keyword_is_a_plugin_error_with_a_suggestion(tmp_path):
+    d = write(tmp_path / "p", typo='''
+        import tlfx
+        from sklearn.naive_bayes import GaussianNB
+
+        @tlfx.hookimpl
+        def register_heads(register):
+            register("typo_nb", GaussianNB, descripton="misspelled keyword")
+        ''')
+    pm = PluginManager([str(d)])
+    heads = pm.registry("head")
+    assert "typo_nb" not in heads  # not stored with a silently ignored keyword
+    err = record(pm, "typo").error
+    assert "unknown keyword 'descripton'; did you mean 'description'?" in err
+    assert "valid: description, param_grid" in err
+    with pytest.raises(TlfxError, match="unknown head 'typo_nb'.*plugin 'typo' failed to load: register_heads failed: "
+                                        "TypeError: .*unknown keyword 'descripton'.*; it may have provided it"):
+        heads.get("typo_nb")
+
+
+def test_unknown_name_mentions_plugins_that_failed_to_import(tmp_path):
+    pm = PluginManager([str(write(tmp_path / "p", broken_import=BROKEN_IMPORT))])
+    with pytest.raises(TlfxError, match="unknown backbone 'resnet_mine'; valid choices: .*; plugin 'broken_import' "
+                                        "failed to load: RuntimeError: boom at import .*; it may have provided it"):
+        pm.registry("backbone").get("resnet_mine")
+
+
+def test_load_plugins_allow_list_selects_external_plugins(tmp_path, monkeypatch):
+    d = write(tmp_path / "p", good=GOOD, broken_import=BROKEN_IMPORT)
+    monkeypatch.setenv("TLFX_LOAD_PLUGINS", "")
+    pm = PluginManager([str(d)])
+    assert record(pm, "good").skipped and record(pm, "broken_import").skipped  # not even imported
+    assert "mean_colour" not in pm.registry("backbone")
+    assert "pixels" in pm.registry("backbone") and "svm" in pm.registry("head")  # tlfx's own always load
+    monkeypatch.setenv("TLFX_LOAD_PLUGINS", "good, other")
+    pm = PluginManager([str(d)])
+    assert "mean_colour" in pm.registry("backbone") and record(pm, "broken_import").skipped
 
 
 def test_missing_plugins_dir_is_a_clear_error(tmp_path):
@@ -240,32 +284,74 @@ def test_cli_plugins_dir_lists_broken_plugins_and_other_commands_still_work(tmp_
     assert tlfx.FeatureStore(str(store)).features.shape == (24, 12)
 
 
-def test_cli_duplicate_names_exit_2_with_one_line(tmp_path):
+DUP_HEAD = '''
+import tlfx
+from sklearn.naive_bayes import GaussianNB
+
+
+@tlfx.hookimpl
+def register_heads(register):
+    register("shared_nb", GaussianNB, description="naive Bayes from {name}")
+'''
+
+
+def test_cli_clash_makes_only_that_name_unusable_and_says_how_to_pick(tmp_path, digits_stores):
     d = write(tmp_path / "p", dup_backbone='''
         import tlfx
 
         @tlfx.hookimpl
         def register_backbones(register):
             register("efficientnet_lite0", lambda weights=None: None, description="an impostor")
-        ''')
-    res = run_cli("--plugins-dir", d, "backbones")
-    assert res.returncode == 2, res.stderr
-    assert "Traceback" not in res.stderr
+        ''', alpha=DUP_HEAD.format(name="alpha"), beta=DUP_HEAD.format(name="beta"))
+    # the listings work and mark the clash; other names of the same kind stay usable
+    listing = run_cli("--plugins-dir", d, "backbones", check=True).stdout
+    row = next(line for line in listing.splitlines() if line.startswith("efficientnet_lite0 "))
+    assert "CLASH: registered by efficientnet_lite and dup_backbone" in row
+    assert any(line.startswith("pixels ") for line in listing.splitlines())
+    heads = run_cli("--plugins-dir", d, "heads", check=True).stdout
+    assert "CLASH: registered by alpha and beta" in heads and "svm " in heads
+
+    # using the name: one line naming both plugins and the TLFX_LOAD_PLUGINS value that picks each
+    res = run_cli("--plugins-dir", d, "fit", "--features", digits_stores[0], "--head", "shared_nb",
+                  "--out", tmp_path / "m.tlfx")
+    assert res.returncode == 2 and "Traceback" not in res.stderr and not (tmp_path / "m.tlfx").exists()
     lines = res.stderr.strip().splitlines()
     assert len(lines) == 1
-    assert re.match(r"error: backbone 'efficientnet_lite0' is registered twice: by plugin 'efficientnet_lite' "
-                    r"and by plugin 'dup_backbone'; uninstall or rename one of them$", lines[0])
+    assert re.match(r"error: head 'shared_nb' is registered twice: by plugin 'alpha' and by plugin 'beta'; pick one "
+                    r"with TLFX_LOAD_PLUGINS=alpha,dup_backbone \(keeps 'alpha'\) or TLFX_LOAD_PLUGINS=beta,"
+                    r"dup_backbone \(keeps 'beta'\), or uninstall or rename one of them$", lines[0]), lines[0]
+    res = run_cli("--plugins-dir", d, "extract", "--backbone", "efficientnet_lite0", "--data", "digits", "--out",
+                  tmp_path / "x.h5")
+    assert res.returncode == 2 and len(res.stderr.strip().splitlines()) == 1
+    assert "tlfx's own plugin 'efficientnet_lite' always loads: leave the other out with TLFX_LOAD_PLUGINS=alpha,beta" \
+        in res.stderr
 
-    # `tlfx plugins` is where a user looks for the culprit: it still lists every plugin, marks both sides of the
-    # clash, then ends with the same one-line error
-    listing = run_cli("--plugins-dir", d, "plugins")
-    assert listing.returncode == 2 and "Traceback" not in listing.stderr
-    assert listing.stderr.strip().splitlines() == lines
+    # following the advice works
+    run_cli("--plugins-dir", d, "fit", "--features", digits_stores[0], "--head", "shared_nb", "--out",
+            tmp_path / "m.tlfx", env={"TLFX_LOAD_PLUGINS": "beta"}, check=True)
+    assert tlfx.load_model(str(tmp_path / "m.tlfx")).meta["head"] == "shared_nb"
+
+    # `tlfx plugins` lists every plugin and marks both sides of each clash
+    listing = run_cli("--plugins-dir", d, "plugins", check=True)
     rows = {line.split()[0]: line for line in listing.stdout.splitlines()}
-    assert {"efficientnet_lite", "dup_backbone", "sklearn_heads", "pixels"} <= set(rows)
-    assert "FAILED: backbone 'efficientnet_lite0' is registered twice" in rows["dup_backbone"]
-    assert "FAILED: backbone 'efficientnet_lite0' is registered twice" in rows["efficientnet_lite"]
+    assert {"efficientnet_lite", "dup_backbone", "sklearn_heads", "pixels", "alpha", "beta"} <= set(rows)
+    assert "backbone 'efficientnet_lite0' is registered twice" in rows["dup_backbone"]
+    assert "backbone 'efficientnet_lite0' is registered twice" in rows["efficientnet_lite"]
     assert "FAILED" not in rows["sklearn_heads"]
+    skipped = run_cli("--plugins-dir", d, "plugins", env={"TLFX_LOAD_PLUGINS": "beta"}, check=True).stdout
+    assert "skipped: not in TLFX_LOAD_PLUGINS" in next(line for line in skipped.splitlines() if line.startswith("alpha"))
+
+
+def test_cli_trace_plugins_logs_loads_hook_calls_and_registrations(tmp_path):
+    d = write(tmp_path / "p", good=GOOD)
+    res = run_cli("--plugins-dir", d, "backbones", env={"TLFX_TRACE_PLUGINS": "1"}, check=True)
+    log = res.stderr
+    assert "tlfx plugins: load plugin 'pixels' from tlfx_plugins.pixels [tlfx " in log
+    assert f"tlfx plugins: load plugin 'good' from tlfx_local_plugins.good [{d / 'good.py'}]" in log
+    assert "tlfx plugins: call register_backbones of plugin 'good'" in log
+    assert "tlfx plugins: good registered backbone 'mean_colour'" in log
+    assert "tlfx plugins: good registered command 'hello-plugin'" in log
+    assert "tlfx plugins" not in run_cli("--plugins-dir", d, "backbones", check=True).stderr
 
 
 DOTS = '''
@@ -388,3 +474,16 @@ def test_guide_documents_every_hook_with_its_signature():
     for name in HOOK_NAMES:
         sig = f"{name}{inspect.signature(getattr(hookspecs, name))}"
         assert f"### `{sig}`" in text, f"docs/plugins.md has no section for {sig}"
+
+
+def test_first_party_plugins_import_as_tlfx_plugins_from_this_checkout(tmp_path):
+    """tlfx's own plugins are the package tlfx_plugins (no top-level "plugins" to collide with another project's),
+    taken from the checkout whose tlfx runs, also with only PYTHONPATH pointing at it."""
+    import subprocess
+    import sys
+
+    code = ("import sys, tlfx.plugins, tlfx_plugins.sklearn_heads as m; print(m.__file__); "
+            "print('plugins' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=tmp_path, timeout=120,
+                         env={**os.environ, "PYTHONPATH": str(ROOT)}, check=True).stdout.split()
+    assert out == [str(ROOT / "plugins" / "sklearn_heads.py"), "False"]

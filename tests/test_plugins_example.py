@@ -62,8 +62,12 @@ def test_tlfx_plugins_lists_the_installed_package(installed):
     assert ex["error"] is None
     assert ex["provides"] == ["backbone", "head", "dataset", "command"]
     assert ex["module"] == "tlfx_plugin_example"
-    assert ex["source"] == "entry point (tlfx-plugin-example 0.1.0)"
+    assert ex["source"] == "entry point (tlfx-plugin-example 0.1.0)" and ex["version"] == "0.1.0" and not ex["skipped"]
+    assert ex["hooks"] == ["register_backbones", "register_commands", "register_datasets", "register_heads"]
     assert rows["datasets"]["error"] is None  # first-party plugins unaffected
+    assert rows["datasets"]["source"].startswith("tlfx ") and rows["datasets"]["module"] == "tlfx_plugins.datasets"
+    heads = {r["name"]: r for r in json.loads(run_cli("heads", "--json", env=env_for(installed), check=True).stdout)}
+    assert heads["pca_logistic"]["plugin"] == "example" and heads["pca_logistic"]["clash"] == []
 
 
 def test_extract_fit_command_and_predict_through_the_cli(installed, tmp_path):
@@ -94,6 +98,38 @@ def test_extract_fit_command_and_predict_through_the_cli(installed, tmp_path):
     assert len(rows) == 20 and all("error" not in r for r in rows), rows
     accuracy = np.mean([r["top"][0]["class"] == Path(r["path"]).parent.name for r in rows])
     assert accuracy >= 0.6, f"nearest_class_mean on colour_hog features: {accuracy:.0%} on 4 shapes (chance 25%)"
+
+
+def test_pipeline_head_with_nested_params_through_fit_evaluate_predict_compare(installed, tmp_path):
+    """The example's Pipeline head, written from docs/plugins.md alone: nested --param names reach its steps, the
+    model file loads back for evaluate and predict, and compare runs it beside a first-party head."""
+    env = env_for(installed)
+    stores = {}
+    for split in ("train", "test"):
+        stores[split] = tmp_path / f"{split}.h5"
+        run_cli("extract", "--backbone", "colour_hog", "--data", "shapes:12", "--split", split, "--out", stores[split],
+                "--quiet", "--workers", "0", env=env, check=True)
+    model = tmp_path / "pca.tlfx"
+    run_cli("fit", "--features", stores["train"], "--head", "pca_logistic", "--param", "pca__n_components=6",
+            "--param", "logisticregression__C=0.5", "--out", model, env=env, check=True)
+    rep = json.loads(run_cli("evaluate", "--model", model, "--features", stores["test"], "--json", env=env,
+                             check=True).stdout)
+    assert rep["accuracy"] > 0.4, rep["accuracy"]  # 4 shapes, chance 25%
+    bad = run_cli("fit", "--features", stores["train"], "--head", "pca_logistic", "--param", "pca__n_componentz=6",
+                  "--out", tmp_path / "bad.tlfx", env=env)
+    assert bad.returncode == 2 and "pca__n_components" in bad.stderr and not (tmp_path / "bad.tlfx").exists()
+
+    out = tmp_path / "png"
+    run_cli("export-shapes", "--out", out, "--per-class", "2", "--split", "test", env=env, check=True)
+    rows = json.loads(run_cli("predict", "--model", model, "--format", "json", *sorted(out.rglob("*.png")),
+                              env=env, check=True).stdout)
+    assert len(rows) == 8 and all("error" not in r for r in rows)
+
+    run_cli("compare", "--train", stores["train"], "--test", stores["test"], "--heads", "pca_logistic,logistic",
+            "--learning-curve", "none", "--bootstrap", "50", "--gallery", "0", "--quiet", "--out", tmp_path / "r",
+            env=env, check=True)
+    report = json.loads((tmp_path / "r" / "report.json").read_text())
+    assert {r["head"] for r in report["rows"] if r.get("head")} >= {"pca_logistic", "logistic"}
 
 
 @pytest.mark.slow

@@ -4,6 +4,9 @@ set_params, clone, pickling, input validation, ...).
 Parameters are shrunk so the whole module stays fast (a handful of trees, few epochs for ``linear``); the SVM is
 checked twice, exact and with its Nystroem path (``max_exact=10``), and once with calibrated probabilities.
 
+``tlfx.testing.check_head`` runs the same scikit-learn checks for a plugin author; here they run one test per
+check, and ``test_tlfx_head_checks`` adds tlfx's own (``sklearn_checks=False``).
+
 Exclusions: none. Every check scikit-learn 1.9 runs on these heads passes; ``EXPECTED_FAILED`` is where an
 exclusion would go, with the reason beside it.
 """
@@ -16,6 +19,7 @@ import pytest
 from sklearn.utils.estimator_checks import parametrize_with_checks
 
 from tlfx.heads import create_head, first_party_heads
+from tlfx.testing import check_head
 
 CHECKED = {
     "logistic": [{}],
@@ -43,15 +47,9 @@ def test_sklearn_estimator_checks(estimator, check):
         check(estimator)
 
 
-@pytest.mark.parametrize("name", sorted(CHECKED))
-def test_predict_is_argmax_of_predict_proba(name):
-    """tlfx ranks top-k classes by predict_proba, so it must agree with predict (SVM included)."""
-    import numpy as np
-    from sklearn.datasets import make_blobs
-
-    X, y = make_blobs(120, centers=4, n_features=6, random_state=1, cluster_std=3.0)
-    est = create_head(name, **CHECKED[name][0]).fit(X, y)
-    p = est.predict_proba(X)
-    assert p.shape == (120, 4)
-    np.testing.assert_allclose(p.sum(1), 1.0, rtol=1e-6)
-    np.testing.assert_array_equal(est.classes_[p.argmax(1)], est.predict(X))
+@pytest.mark.parametrize(("name", "params"), [(n, p) for n, variants in CHECKED.items() for p in variants],
+                         ids=[f"{n}{i}" for n, variants in CHECKED.items() for i in range(len(variants))])
+def test_tlfx_head_checks(name, params):
+    """tlfx's own checks beyond scikit-learn's (run above, one test per check): predict is exactly the argmax of
+    predict_proba (tlfx ranks top-k by it), batch invariance, labels 1/4/7, and a model file that loads back."""
+    check_head(name, sklearn_checks=False, **params)

@@ -111,7 +111,7 @@ def write_plugin(tmp_path, file_name: str):
     d.mkdir()
     (d / "tiny_tv.py").write_text(
         "import tlfx\n"
-        "from plugins.torchvision_backbones import build, weights_meta\n\n"
+        "from tlfx_plugins.torchvision_backbones import build, weights_meta\n\n"
         f"URL = 'https://download.pytorch.org/models/{file_name}'\n\n\n"
         "@tlfx.hookimpl\n"
         "def register_backbones(register):\n"

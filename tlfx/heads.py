@@ -1,9 +1,9 @@
 """Heads: scikit-learn estimators trained on cached features, created through the head registry.
 
 Every head is a scikit-learn classifier (``fit`` / ``predict`` / ``predict_proba`` / ``get_params`` /
-``set_params`` / ``classes_``) with flat parameter names, so ``tlfx fit --param C=10`` and
-``GridSearchCV(create_head("svm"), {"C": [1, 10]})`` both work. First-party heads derive from
-:class:`ClassifierHead`, which does the input validation scikit-learn's estimator checks ask for.
+``set_params`` / ``classes_``), so ``tlfx fit --param C=10`` (or ``--param step__C=10`` for a Pipeline head) and
+``GridSearchCV(create_head("svm"), {"C": [1, 10]})`` both work. First-party heads are ordinary classes deriving
+from :class:`tlfx_plugins.head_base.ClassifierHead`, registered by their plugins like any third-party head.
 
 >>> from tlfx.heads import create_head
 >>> head = create_head("logistic", C=0.5).fit(X_train, y_train)
@@ -13,8 +13,6 @@ Every head is a scikit-learn classifier (``fit`` / ``predict`` / ``predict_proba
 from __future__ import annotations
 
 import json
-
-import numpy as np
 
 from .errors import TlfxError
 from .plugins import registry
@@ -62,15 +60,46 @@ def first_party_heads() -> list[str]:
 
 
 def head_types() -> list[str]:
-    """Fully qualified class names of every registered head: the extra types a model file may contain."""
+    """Fully qualified class names of every registered head: the extra types a model file may contain.
+
+    A head registered as a ``"module:Class"`` string is imported here (a model is being loaded, it needs the
+    class anyway), so the name is where the class is defined, which is what skops records.
+    """
     out = []
     for entry in registry("head").entries():
         try:
-            cls = entry.factory if isinstance(entry.factory, type) else type(entry.factory())
+            factory = entry.factory
+            cls = factory if isinstance(factory, type) else type(factory())
         except Exception:  # a head whose factory fails cannot have been saved either
             continue
         out.append(f"{cls.__module__}.{cls.__qualname__}")
     return sorted(set(out))
+
+
+def check_loadable(est, head: str = "") -> bytes:
+    """Refuse a fitted head whose model file tlfx would refuse to load; return its skops bytes otherwise.
+
+    ``tlfx fit`` calls this before writing, so that a head holding a type outside skops' trusted defaults and the
+    registered head classes (a private scikit-learn class, a plugin's helper object) is refused with one line
+    naming the type, instead of being written and then refused by every ``evaluate``/``predict``.
+    """
+    import skops.io as sio
+
+    from .head_model import trusted_head_types
+
+    label = f"head {head!r}" if head else f"head {type(est).__name__}"
+    try:
+        data = sio.dumps(est)
+    except Exception as exc:
+        raise TlfxError(f"{label} cannot be saved in a model file: skops refuses it ({type(exc).__name__}: "
+                        f"{str(exc).splitlines()[0] if str(exc) else ''}); keep fitted state as numpy arrays or "
+                        f"scikit-learn objects") from None
+    refused = sorted(set(sio.get_untrusted_types(data=data)) - set(trusted_head_types()))
+    if refused:
+        raise TlfxError(f"{label} holds type {refused[0]!r}, which tlfx refuses to load from a model file (neither a "
+                        f"registered head class nor a scikit-learn/numpy type); nothing written: keep fitted state as "
+                        f"numpy arrays or scikit-learn objects, or register that class as a head")
+    return data
 
 
 # ------------------------------------------------------------------------------------------- parameters
@@ -168,9 +197,11 @@ def check_param(head: str, key: str, value, spec, valid=(), bounds=None):
 
 
 def parse_params(name: str, items) -> dict:
-    """``["C=10", "kernel=rbf"]`` -> ``{"C": 10, "kernel": "rbf"}`` for head ``name``; refuses unknown keys."""
+    """``["C=10", "kernel=rbf"]`` -> ``{"C": 10, "kernel": "rbf"}`` for head ``name``; refuses unknown keys.
+
+    Keys are the head's ``get_params(deep=True)`` names, so a Pipeline head takes ``logisticregression__C=10``."""
     est = create_head(name)
-    valid = est.get_params(deep=False)
+    valid = est.get_params(deep=True)  # nested ``step__param`` names too, as ``--search`` grids use them
     out = {}
     for item in items or ():
         if "=" not in item:
@@ -185,98 +216,3 @@ def parse_params(name: str, items) -> dict:
                     getattr(est, "param_bounds", {}).get(key))
         out[key] = value
     return out
-
-
-# ------------------------------------------------------------------------------------------- base class
-def lazy_classes(module_globals: dict, define) -> callable:
-    """Module ``__getattr__`` that runs ``define()`` (which imports scikit-learn and returns ``{name: class}``) on
-    first access, so plugin discovery stays fast. Classes get the module's name, so pickle and skops find them."""
-
-    def __getattr__(name):
-        if name.startswith("__"):  # import machinery probes (__path__, __spec__...): answer without importing
-            raise AttributeError(name)
-        if module_globals.get("_defined") is None:
-            module_globals["_defined"] = True
-            for cls_name, cls in define().items():
-                cls.__module__ = module_globals["__name__"]
-                cls.__qualname__ = cls_name
-                module_globals[cls_name] = cls
-        if name in module_globals:
-            return module_globals[name]
-        raise AttributeError(f"module {module_globals['__name__']!r} has no attribute {name!r}")
-
-    return __getattr__
-
-
-def _define_base():
-    from sklearn.base import BaseEstimator, ClassifierMixin
-    from sklearn.utils.multiclass import check_classification_targets
-    from sklearn.utils.validation import check_is_fitted
-
-    try:  # scikit-learn >= 1.6
-        from sklearn.utils.validation import validate_data as _validate_data
-    except ImportError:  # pragma: no cover - older scikit-learn
-        def _validate_data(est, X="no_validation", y="no_validation", reset=True, **kw):
-            return est._validate_data(X, y, reset=reset, **kw)
-
-    class ClassifierHead(ClassifierMixin, BaseEstimator):
-        """Base of tlfx's heads: validates inputs, maps labels to ``classes_`` and predicts by argmax of probabilities.
-
-        Subclasses implement ``_fit(X, y_idx, n_classes)`` (``y_idx`` are indices into ``classes_``) and
-        ``_proba(X) -> [n, n_classes]``. ``predict`` is the argmax of ``predict_proba``, so the two always agree.
-        ``param_types`` maps each parameter to its allowed types and literal values, ``param_bounds`` numeric ones
-        to their :class:`Bounds`; both are checked by ``tlfx fit --param`` and at ``fit``.
-        """
-
-        param_types: dict = {}
-        param_bounds: dict = {}
-
-        def _check_params(self):
-            for key, value in self.get_params(deep=False).items():
-                spec = self.param_types.get(key)
-                if spec and not _type_ok(value, spec):
-                    raise ValueError(f"{type(self).__name__}: parameter {key}={value!r} must be {_describe_spec(spec)}")
-                why = _bounds_error(value, self.param_bounds.get(key))
-                if why:
-                    raise ValueError(f"{type(self).__name__}: parameter {key}={value!r} must be {why}")
-
-        def fit(self, X, y):
-            """Train on features ``X [n, d]`` and labels ``y [n]`` (any hashable labels). Returns ``self``."""
-            self._check_params()
-            X, y = _validate_data(self, X, y, dtype=[np.float64, np.float32])
-            check_classification_targets(y)
-            self.classes_, y_idx = np.unique(y, return_inverse=True)
-            if len(self.classes_) < 2:
-                raise ValueError(f"{type(self).__name__} needs at least 2 classes to train, got 1 class "
-                                 f"({self.classes_[0]!r})")
-            self._fit(X, np.asarray(y_idx, dtype=np.int64).ravel(), len(self.classes_))
-            return self
-
-        def predict_proba(self, X):
-            """Class probabilities ``[n, len(classes_)]``, columns in the order of ``classes_``."""
-            check_is_fitted(self)
-            X = _validate_data(self, X, reset=False, dtype=[np.float64, np.float32])
-            return np.asarray(self._proba(X), dtype=np.float64)
-
-        def predict(self, X):
-            """The most probable class of each row."""
-            proba = self.predict_proba(X)  # raises NotFittedError before classes_ is looked up
-            return self.classes_[np.argmax(proba, axis=1)]
-
-        def _fit(self, X, y_idx, n_classes):  # pragma: no cover - abstract
-            raise NotImplementedError
-
-        def _proba(self, X):  # pragma: no cover - abstract
-            raise NotImplementedError
-
-    return {"ClassifierHead": ClassifierHead}
-
-
-__getattr__ = lazy_classes(globals(), _define_base)
-
-
-def softmax(z: np.ndarray) -> np.ndarray:
-    z = np.asarray(z, dtype=np.float64)
-    z = z - z.max(axis=1, keepdims=True)
-    e = np.exp(z)
-    return e / e.sum(axis=1, keepdims=True)

@@ -6,8 +6,11 @@ The author's guide, with a complete minimal plugin, is ``docs/plugins.md``; :mod
 against these contracts.
 
 Names are letters, digits, ``_``, ``-`` and ``.`` (no ``:`` or ``,``: data specs and ``--heads a,b`` use them)
-and global across installed plugins: two plugins registering one name is an error naming both. A hook that raises
-loses what it registered and is reported by ``tlfx plugins``; the other plugins keep working.
+and global across installed plugins: a name two plugins register is unusable (one line naming both) until
+``TLFX_LOAD_PLUGINS`` leaves one out. ``factory`` is a callable or a ``"package.module:attribute"`` string imported
+on first use (keeps discovery fast). ``register`` takes only the keywords listed below for its kind; another one
+makes the hook fail. A hook that raises loses what it registered and is reported by ``tlfx plugins``; the other
+plugins keep working.
 """
 
 import pluggy
@@ -46,7 +49,8 @@ def register_heads(register):
     ``get_params``/``set_params`` (every parameter an ``__init__`` argument, stored unchanged), and
     ``NotFittedError`` before ``fit``. ``X`` is float32 ``[N, D]``, ``y`` int64. A fitted head must survive skops
     (numpy arrays, Python scalars, scikit-learn objects: model files refuse other types).
-    ``param_grid`` is the ``{param: [values]}`` grid ``tlfx fit --search`` cross-validates over.
+    ``param_grid`` is the ``{param: [values]}`` grid ``tlfx fit --search`` cross-validates over; parameter names are
+    ``get_params(deep=True)`` names, so a Pipeline head takes ``step__param`` (also in ``tlfx fit --param``).
     """
 
 

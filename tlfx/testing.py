@@ -18,12 +18,17 @@ from __future__ import annotations
 
 import json
 import math
-import pickle
 import re
 
 import numpy as np
 
-__all__ = ["check_backbone", "check_head", "check_dataset", "check_registration"]
+__all__ = ["check_backbone", "check_head", "check_dataset", "check_registration", "PIPELINE_EXPECTED_FAILED"]
+
+# scikit-learn's own Pipeline fails these two checks (it fits its steps in place), so a Pipeline head is expected to
+PIPELINE_EXPECTED_FAILED = {
+    "check_estimators_overwrite_params": "a scikit-learn Pipeline fits its steps in place (Pipeline itself fails it)",
+    "check_dont_overwrite_parameters": "a scikit-learn Pipeline fits its steps in place (Pipeline itself fails it)",
+}
 
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
@@ -237,31 +242,34 @@ def _blobs(labels, n_per_class=30, n_features=12, seed=0):
     return X[order], y[order]
 
 
-def check_head(head, **params):
-    """Check a head plugin against the scikit-learn estimator contract tlfx relies on; returns the fitted head.
+def check_head(head, *, expected_failed: dict[str, str] | None = None, sklearn_checks: bool = True, **params):
+    """Check a head plugin against the contract tlfx relies on; returns the head fitted on a small test set.
 
-    ``head``: a registered name (built with :func:`tlfx.heads.create_head`, ``params`` applied), an estimator
-    instance (cloned, so it is not changed), or an estimator class. Checked: ``get_params``/``set_params``/``clone``
-    (unknown parameters refused), the registered ``param_grid`` names real parameters, ``predict`` before ``fit``
-    raises ``NotFittedError``, ``fit`` returns the estimator and sets ``classes_`` (the sorted labels, also when
-    they are not 0..K-1), float32 features are accepted and not modified, ``predict`` gives labels from
-    ``classes_``, ``predict_proba`` is ``[N, K]`` in [0, 1] with rows summing to one, in ``classes_`` order,
-    it learns well-separated classes, a wrong number of features is refused, a fitted head survives pickle and
-    the skops round trip model files use (holding no type tlfx refuses to load), and it runs under
-    :func:`sklearn.model_selection.cross_val_score`.
+    ``head``: a registered name (built with :func:`tlfx.heads.create_head`, ``params`` applied; nested
+    ``step__param`` names work for a Pipeline head), an estimator instance (cloned, so it is not changed), or an
+    estimator class.
+
+    The scikit-learn estimator contract (``get_params``/``set_params``/``clone``, ``NotFittedError`` before
+    ``fit``, input validation, pickling, ``classes_``...) is scikit-learn's own :func:`check_estimator`;
+    ``expected_failed`` maps the checks your head is known to fail to the reason (scikit-learn's
+    ``expected_failed_checks``); a ``Pipeline`` head is expected to fail :data:`PIPELINE_EXPECTED_FAILED`.
+    ``sklearn_checks=False`` leaves them out, for a test suite that runs them one test per check with
+    :func:`sklearn.utils.estimator_checks.parametrize_with_checks`, as tlfx's own does.
+
+    tlfx's own checks: the registered ``param_grid`` names real (nested) parameters; float32 features with labels
+    1, 4, 7 give ``classes_ == [1, 4, 7]`` and a head that learns them; ``predict`` is exactly the ``classes_``
+    entry of the largest ``predict_proba`` column, whose rows sum to one (tlfx ranks top-k classes by
+    probability); an image's probabilities do not depend on the other rows of its batch; and the skops round trip
+    model files use holds no type tlfx refuses to load and gives the same predictions.
     """
     from sklearn.base import clone
-    from sklearn.exceptions import NotFittedError
-    from sklearn.model_selection import StratifiedKFold, cross_val_score
 
     grid = None
     if isinstance(head, str):
         from .heads import create_head
-        from .plugins import registry
 
         what = f"head {head!r}"
-        check_registration("head", head)
-        grid = registry("head").get(head).meta.get("param_grid")
+        grid = check_registration("head", head).meta.get("param_grid")
         est = create_head(head, **params)
     elif isinstance(head, type):
         what = f"head {head.__name__}"
@@ -272,41 +280,47 @@ def check_head(head, **params):
     for method in ("fit", "predict", "predict_proba", "get_params", "set_params"):
         _check(callable(getattr(est, method, None)), what,
                f"has no {method}(); a head is a scikit-learn classifier with fit/predict/predict_proba/get_params/set_params")
+    if grid:
+        names = est.get_params(deep=True)
+        for key in grid:
+            _check(key in names, what, f"param_grid names {key!r}, which is not a parameter ({', '.join(sorted(names))})")
+    if sklearn_checks:
+        from sklearn.pipeline import Pipeline
 
-    # parameters and clone
-    p = est.get_params()
-    _check(isinstance(p, dict) and all(isinstance(k, str) for k in p), what, f"get_params() must return a dict, got {p!r}")
+        known = PIPELINE_EXPECTED_FAILED if isinstance(est, Pipeline) else {}
+        _sklearn_checks(est, what, {**known, **(expected_failed or {})})
     try:
         est = clone(est)
     except Exception as exc:
         _fail(what, f"sklearn.base.clone fails ({type(exc).__name__}: {exc}); __init__ must store each parameter "
                     f"unchanged under its own name")
-    _check(set(est.get_params()) == set(p), what, "clone() changes the parameter names")
-    _check(est.set_params(**est.get_params(deep=False)) is est, what, "set_params(**params) must return the estimator")
-    try:
-        clone(est).set_params(tlfx_no_such_parameter=1)
-    except ValueError:
-        pass
-    else:
-        _fail(what, "set_params(tlfx_no_such_parameter=1) must raise ValueError")
-    if grid:
-        for key, values in grid.items():
-            _check(key in p, what, f"param_grid names {key!r}, which is not a parameter ({', '.join(sorted(p))})")
-            clone(est).set_params(**{key: values[0]})
+    return _tlfx_head_checks(est, what)
 
+
+def _sklearn_checks(est, what: str, expected_failed: dict):
+    """scikit-learn's check_estimator; the first unexpected failure becomes one AssertionError naming the check."""
+    import warnings
+
+    from sklearn.utils.estimator_checks import check_estimator
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        results = check_estimator(est, expected_failed_checks=expected_failed, on_fail=None)
+    failed = [r for r in results if r["status"] == "failed"]
+    if failed:
+        first = failed[0]
+        exc = first["exception"]
+        text = " ".join(str(exc).split())[:400] or type(exc).__name__
+        others = f" (and {len(failed) - 1} more: {', '.join(r['check_name'] for r in failed[1:4])})" if len(failed) > 1 else ""
+        _fail(what, f"scikit-learn's {first['check_name']} fails{others}: {type(exc).__name__}: {text}; fix it, or "
+                    f"list it in expected_failed={{check name: reason}} if it cannot apply to this head")
+
+
+def _tlfx_head_checks(est, what: str):
+    """What tlfx needs beyond scikit-learn's contract: label handling, predict/proba agreement, batch
+    invariance, and a model file that loads back."""
     X, y = _blobs([1, 4, 7])
     X_test, y_test = _blobs([1, 4, 7], n_per_class=10, seed=1)
-    try:
-        clone(est).predict(X_test)
-    except NotFittedError:
-        pass
-    except Exception as exc:
-        _fail(what, f"predict before fit raised {type(exc).__name__}, expected sklearn.exceptions.NotFittedError "
-                    f"(use sklearn.utils.validation.check_is_fitted)")
-    else:
-        _fail(what, "predict before fit must raise sklearn.exceptions.NotFittedError")
-
-    # fit / predict / predict_proba
     X_before = X.copy()
     try:
         fitted = est.fit(X, y)
@@ -318,9 +332,6 @@ def check_head(head, **params):
     _check(classes is not None and np.array_equal(np.asarray(classes), [1, 4, 7]), what,
            f"after fit, classes_ must be the sorted distinct labels [1, 4, 7], got {classes!r}")
     pred = np.asarray(est.predict(X_test))
-    _check(pred.shape == (len(X_test),), what, f"predict must return [N] labels, got shape {pred.shape}")
-    _check(np.isin(pred, [1, 4, 7]).all(), what,
-           f"predict returned labels outside classes_: {sorted(set(pred.tolist()) - {1, 4, 7})}")
     proba = np.asarray(est.predict_proba(X_test), dtype=np.float64)
     _check(proba.shape == (len(X_test), 3), what,
            f"predict_proba must return [N, n_classes] = {(len(X_test), 3)}, got {proba.shape}")
@@ -328,31 +339,20 @@ def check_head(head, **params):
            "predict_proba must be probabilities in [0, 1]")
     _check(np.allclose(proba.sum(1), 1.0, atol=1e-4), what,
            f"predict_proba rows must sum to 1 (got sums from {proba.sum(1).min():.4f} to {proba.sum(1).max():.4f})")
-    agree = float(np.mean(np.asarray(classes)[proba.argmax(1)] == pred))
-    _check(agree >= 0.9, what, f"predict_proba columns are not in classes_ order: argmax agrees with predict on only "
-                               f"{agree:.0%} of samples")
+    argmax = np.asarray(classes)[proba.argmax(1)]
+    bad = np.flatnonzero(argmax != pred)
+    _check(len(bad) == 0, what, f"predict disagrees with the argmax of predict_proba on {len(bad)} of {len(pred)} rows "
+                                f"(first: row {bad[0] if len(bad) else -1}); the columns must follow classes_ and "
+                                f"predict must pick the most probable class")
     acc = float(np.mean(pred == y_test))
     _check(acc >= 0.8, what, f"accuracy {acc:.0%} on three well-separated classes; the head does not learn")
-    try:
-        est.predict(X_test[:, :-1])
-    except Exception:
-        pass
-    else:
-        _fail(what, "predict on features with the wrong dimension must raise, not predict")
-    try:
-        restored = pickle.loads(pickle.dumps(est))
-    except Exception as exc:
-        _fail(what, f"a fitted head cannot be pickled ({type(exc).__name__}: {exc})")
-    _check(np.array_equal(np.asarray(restored.predict(X_test)), pred), what, "predictions change after a pickle round trip")
+    order = np.arange(len(X_test))[::-1]
+    alone = np.concatenate([np.asarray(est.predict_proba(X_test[i:i + 1]), dtype=np.float64) for i in range(4)])
+    shuffled = np.asarray(est.predict_proba(X_test[order]), dtype=np.float64)[np.argsort(order)]
+    _check(np.allclose(alone, proba[:4], atol=1e-6) and np.allclose(shuffled, proba, atol=1e-6), what,
+           "a row's predict_proba changes with the other rows of its batch (alone, or in another order); "
+           "predictions must not depend on what else is predicted")
     _check_skops(est, X_test, pred, what)
-
-    # scikit-learn tooling
-    try:
-        scores = cross_val_score(clone(est), X, y, cv=StratifiedKFold(3, shuffle=True, random_state=0))
-    except Exception as exc:
-        _fail(what, f"sklearn cross_val_score fails ({type(exc).__name__}: {exc})")
-    _check(np.isfinite(scores).all() and scores.mean() >= 0.8, what,
-           f"cross_val_score accuracy {scores.mean():.0%} on well-separated classes")
     return est
 
 

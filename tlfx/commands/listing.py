@@ -13,38 +13,41 @@ def _registry(kind):
 @click.command()
 @click.option("--json", "as_json", is_flag=True)
 def plugins(as_json):
-    """List loaded plugins, where they come from, and any that failed to load.
+    """List plugins: where each comes from, its version, what it provides, and any that failed or clash.
+
+    TLFX_LOAD_PLUGINS=a,b loads only those external plugins (tlfx's own always load); TLFX_TRACE_PLUGINS=1 logs
+    every plugin load, hook call and registration to stderr.
 
     \b
     Examples:
       tlfx plugins
       tlfx --plugins-dir ./my_plugins plugins
+      TLFX_LOAD_PLUGINS= tlfx plugins
     """
-    from ..errors import TlfxError
-    from ..plugins import DuplicateNameError, get_plugin_manager
+    from ..plugins import KINDS, get_plugin_manager
+    from ..safetext import terminal
 
     pm = get_plugin_manager()
-    clashes = []
-    for kind in ("backbone", "head", "dataset"):
-        try:
-            _registry(kind)
-        except DuplicateNameError as exc:  # still list everything: this command is where users look for the culprit
-            clashes.append(exc)
-
-    def errors(r):
-        found = ([r.error] if r.error else []) + [e.message for e in clashes if r.name in e.plugins]
-        return "; ".join(found) or None
-
-    rows = [{"name": r.name, "source": r.source, "module": r.module, "provides": r.kinds, "error": errors(r)}
-            for r in pm.records]
+    for kind in KINDS:  # builds the registries, so hook failures and clashes are on the records
+        _registry(kind)
+    rows = [{"name": r.name, "source": r.source, "module": r.module, "version": r.version, "hooks": r.hooks,
+             "provides": r.kinds, "error": r.error, "skipped": r.skipped} for r in pm.records]
     if as_json:
         click.echo(json.dumps(rows, indent=2))
-    else:
-        for r in rows:
-            status = f"FAILED: {r['error']}" if r["error"] else ", ".join(r["provides"]) or "commands"
-            click.echo(f"{r['name']:<20} {status:<34} {r['module']}  [{r['source']}]")
-    if clashes:
-        raise TlfxError(clashes[0].message)
+        return
+    for r in rows:
+        if r["skipped"]:
+            status = f"skipped: {r['skipped']}"
+        elif r["error"]:
+            status = f"FAILED: {r['error']}"
+        else:
+            status = ", ".join(r["provides"]) or "commands"
+        click.echo(terminal(f"{r['name']:<20} {status:<34} {r['module']}  [{r['source']}]"))
+
+
+def _clash_note(reg, name) -> str:
+    owners = reg.clash(name)
+    return f"CLASH: registered by {' and '.join(owners)}; using it fails until one is left out (tlfx plugins)" if owners else ""
 
 
 def _weights_row(e) -> dict:
@@ -80,18 +83,23 @@ def backbones(as_json):
     from ..safetext import terminal
     from ..weights import human_size
 
-    rows = []
-    for e in _registry("backbone").entries():
-        st = _weights_row(e)
+    reg, rows = _registry("backbone"), []
+    for e in reg.entries():
+        try:
+            st = _weights_row(e)
+        except Exception as exc:  # a plugin's check must not hide the other backbones
+            st = {"status": "missing", "size": None,
+                  "where": f"weights check of plugin {e.plugin!r} failed: {type(exc).__name__}: {exc}"}
         rows.append({"name": e.name, "plugin": e.plugin, "description": e.description,
                      "offline": st["status"] in ("cached", "offline-only"), "status": st["status"],
-                     "size": st["size"], "weights": st["where"]})
+                     "size": st["size"], "weights": st["where"], "clash": reg.clash(e.name)})
     if as_json:
         click.echo(json.dumps(rows, indent=2))
         return
     for r in rows:
         size = human_size(r["size"]) if r["size"] else ""
-        click.echo(f"{terminal(r['name']):<22} {r['status']:<13} {size:>9}  {terminal(r['description'])}")
+        about = _clash_note(reg, r["name"]) or r["description"]
+        click.echo(f"{terminal(r['name']):<22} {r['status']:<13} {size:>9}  {terminal(about)}")
         if r["status"] == "missing":
             click.echo(f"{'':<47}weights: {terminal(str(r['weights']))}")
 
@@ -100,13 +108,15 @@ def _simple_list(kind):
     @click.command(name=f"{kind}s")
     @click.option("--json", "as_json", is_flag=True)
     def cmd(as_json):
-        entries = _registry(kind).entries()
+        from ..safetext import terminal
+
+        reg = _registry(kind)
         if as_json:
-            click.echo(json.dumps([{"name": e.name, "plugin": e.plugin, "description": e.description}
-                                   for e in entries], indent=2))
+            click.echo(json.dumps([{"name": e.name, "plugin": e.plugin, "description": e.description,
+                                    "clash": reg.clash(e.name)} for e in reg.entries()], indent=2))
             return
-        for e in entries:
-            click.echo(f"{e.name:<16} {e.description}  [{e.plugin}]")
+        for e in reg.entries():
+            click.echo(terminal(f"{e.name:<16} {_clash_note(reg, e.name) or e.description}  [{e.plugin}]"))
 
     cmd.help = (f"List the registered {kind}s and the plugin each comes from.\n\n\b\nExamples:\n"
                 f"  tlfx {kind}s\n  tlfx {kind}s --json")

@@ -118,7 +118,7 @@ def import_weights(name: str, file: str) -> str:
 
     base, extra = resolve_backbone_name(name)
     if base in ("timm", "hf-hub"):
-        from plugins.timm_backbones import _check_name, pretrained_hub_id
+        from tlfx_plugins.timm_backbones import _check_name, pretrained_hub_id
 
         model = extra["model"] if base == "timm" else f"hf-hub:{extra['model']}"
         _check_name(model)
@@ -128,7 +128,7 @@ def import_weights(name: str, file: str) -> str:
         _check_loads(file)
         return import_hf_file(hub_id, file)
     if base == "torchvision" and extra:
-        from plugins.torchvision_backbones import default_weights
+        from tlfx_plugins.torchvision_backbones import default_weights
 
         return import_torch_hub_file(default_weights(extra["model"]).url, name, file)
     place = registry("backbone").get(name).meta.get("import_weights")

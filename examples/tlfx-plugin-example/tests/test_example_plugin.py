@@ -7,7 +7,7 @@ registry, so they test the entry point as well as the code.
 import numpy as np
 import pytest
 from click.testing import CliRunner
-from tlfx_plugin_example import SHAPES, NearestClassMean, export_shapes
+from tlfx_plugin_example import SHAPES, NearestClassMean, export_shapes, pca_logistic
 
 import tlfx
 from tlfx.errors import TlfxError
@@ -19,7 +19,8 @@ def test_plugin_is_loaded_without_errors():
     rec = next((r for r in tlfx.get_plugin_manager().records if r.name == "example"), None)
     assert rec is not None, "the 'example' entry point is not installed; pip install -e examples/tlfx-plugin-example"
     assert rec.error is None
-    for kind, name in (("backbone", "colour_hog"), ("head", "nearest_class_mean"), ("dataset", "shapes")):
+    for kind, name in (("backbone", "colour_hog"), ("head", "nearest_class_mean"), ("head", "pca_logistic"),
+                       ("dataset", "shapes")):
         assert check_registration(kind, name).plugin == "example"
 
 
@@ -37,6 +38,14 @@ def test_backbone_contract_at_another_size():
 def test_head_contract(params):
     check_head("nearest_class_mean", **params)
     check_head(NearestClassMean(**params))
+
+
+@pytest.mark.parametrize("params", [{}, {"pca__n_components": 0.8, "logisticregression__C": 0.5}])
+def test_pipeline_head_contract(params):
+    """A Pipeline head: scikit-learn's checks, tlfx's own, and nested parameter names."""
+    head = check_head("pca_logistic", **params)
+    assert head.get_params()["pca__n_components"] == params.get("pca__n_components", 0.95)
+    check_head(pca_logistic(**params))
 
 
 def test_dataset_contract():

@@ -5,6 +5,8 @@ It registers, through the four tlfx hooks and nothing else:
 - backbone ``colour_hog``: a joint colour histogram plus HOG (histogram of oriented gradients) computed by a small
   torch module, no weights; a classic hand-made baseline to set beside pretrained CNN features;
 - head ``nearest_class_mean``: a scikit-learn classifier that predicts the class whose mean feature is closest;
+- head ``pca_logistic``: a scikit-learn Pipeline (standardise, PCA, logistic regression) with nested parameters
+  (``tlfx fit --param pca__n_components=8``);
 - dataset ``shapes[:N]``: N synthetic images per class of circles, squares, triangles and stars drawn with Pillow;
 - command ``tlfx export-shapes``: writes the shapes dataset as an image folder (``imagefolder:DIR``).
 
@@ -15,11 +17,11 @@ import tlfx
 
 from .backbone import build_colour_hog
 from .commands import export_shapes
-from .head import NearestClassMean
+from .head import NearestClassMean, pca_logistic
 from .shapes import SHAPES, shapes_dataset
 
 __version__ = "0.1.0"
-__all__ = ["NearestClassMean", "build_colour_hog", "shapes_dataset", "export_shapes", "SHAPES"]
+__all__ = ["NearestClassMean", "pca_logistic", "build_colour_hog", "shapes_dataset", "export_shapes", "SHAPES"]
 
 
 @tlfx.hookimpl
@@ -34,6 +36,9 @@ def register_heads(register):
     register("nearest_class_mean", NearestClassMean,
              description="example plugin: nearest class mean on standardised features",
              param_grid={"metric": ["cosine", "euclidean"], "temperature": [0.01, 0.03, 0.1, 0.3]})
+    register("pca_logistic", pca_logistic,
+             description="example plugin: Pipeline of standardise, PCA, logistic regression (nested parameters)",
+             param_grid={"pca__n_components": [0.8, 0.95], "logisticregression__C": [0.1, 1.0]})
 
 
 @tlfx.hookimpl

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.base import BaseEstimator, ClassifierMixin
 from sklearn.utils.multiclass import check_classification_targets
-from sklearn.utils.validation import check_array, check_is_fitted, check_X_y
+from sklearn.utils.validation import check_is_fitted, validate_data
 
 METRICS = ("euclidean", "cosine")
 
@@ -31,12 +31,11 @@ class NearestClassMean(ClassifierMixin, BaseEstimator):
             raise ValueError(f"metric must be one of {', '.join(METRICS)}, got {self.metric!r}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature!r}")
-        X, y = check_X_y(X, y, dtype=np.float64)
+        X, y = validate_data(self, X, y, dtype=np.float64)  # also sets n_features_in_
         check_classification_targets(y)
         self.classes_, codes = np.unique(y, return_inverse=True)
         if len(self.classes_) < 2:
-            raise ValueError(f"need at least 2 classes to fit, got {len(self.classes_)}")
-        self.n_features_in_ = X.shape[1]
+            raise ValueError(f"need at least 2 classes to fit, got 1 class ({self.classes_[0]!r})")
         self.shift_ = X.mean(0)
         self.scale_ = X.std(0)
         self.scale_[self.scale_ == 0] = 1.0
@@ -52,9 +51,7 @@ class NearestClassMean(ClassifierMixin, BaseEstimator):
 
     def _distances(self, X):
         check_is_fitted(self, "means_")
-        X = check_array(X, dtype=np.float64)
-        if X.shape[1] != self.n_features_in_:
-            raise ValueError(f"X has {X.shape[1]} features, but {type(self).__name__} was fitted with {self.n_features_in_}")
+        X = validate_data(self, X, reset=False, dtype=np.float64)  # refuses another number of features
         Z = self._standardise(X)
         means = self.means_
         if self.metric == "cosine":
@@ -72,3 +69,20 @@ class NearestClassMean(ClassifierMixin, BaseEstimator):
     def predict(self, X):
         nearest = np.argmin(self._distances(X), axis=1)  # checks fitted-ness before classes_ is touched
         return self.classes_[nearest]
+
+
+def pca_logistic(**params):
+    """Head ``pca_logistic``: a scikit-learn Pipeline (standardise, PCA, logistic regression).
+
+    Its parameters are the pipeline's nested names, ``pca__n_components`` or ``logisticregression__C``, for
+    ``tlfx fit --param`` and ``param_grid`` alike. scikit-learn is imported here, when the head is built, so
+    ``tlfx heads`` stays fast.
+    """
+    from sklearn.decomposition import PCA
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.pipeline import make_pipeline
+    from sklearn.preprocessing import StandardScaler
+
+    # n_components=0.95: the components explaining 95% of the variance, so it fits any feature dimension
+    pipe = make_pipeline(StandardScaler(), PCA(n_components=0.95, random_state=0), LogisticRegression(C=1.0, max_iter=1000))
+    return pipe.set_params(**params)

@@ -1,0 +1,194 @@
+"""tlfx's scikit-learn heads as ordinary estimator classes: LogisticHead, SVMHead, RandomForestHead, KNNHead.
+
+Each is a scikit-learn classifier with flat parameters (``tlfx fit --head svm --param C=10``) and defaults chosen
+for CNN embeddings: standardised features for the linear and kernel models, cosine distance for kNN, and an RBF
+SVM that switches to a Nystroem approximation above ``max_exact`` training rows so it stays usable at 60k
+samples (measurements in docs/heads.md). The ``sklearn_heads`` plugin registers them; saved models name these
+classes (``tlfx_plugins.sklearn_estimators.SVMHead``), so they stay here.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from sklearn.ensemble import RandomForestClassifier
+from sklearn.kernel_approximation import Nystroem
+from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.neighbors import KNeighborsClassifier
+from sklearn.pipeline import make_pipeline
+from sklearn.preprocessing import StandardScaler
+from sklearn.svm import SVC
+
+from tlfx.heads import SEED_BOUNDS, Bounds
+from tlfx_plugins.head_base import ClassifierHead, softmax
+
+
+def _min_count(y_idx):
+    return int(np.bincount(y_idx).min())
+
+def _scaled(standardize: bool, *steps):
+    return make_pipeline(StandardScaler(), *steps) if standardize else make_pipeline(*steps)
+
+class LogisticHead(ClassifierHead):
+    """Multinomial logistic regression (lbfgs) on standardised features.
+
+    ``C``: inverse L2 strength; ``max_iter``: lbfgs iterations; ``standardize``: scale features to unit variance first.
+    """
+
+    param_types = {"C": (float,), "max_iter": (int,), "tol": (float,), "standardize": (bool,)}
+    param_bounds = {"C": Bounds(0, low_open=True), "max_iter": Bounds(1), "tol": Bounds(0)}
+
+    def __init__(self, C=0.1, max_iter=1000, tol=1e-4, standardize=True):
+        self.C = C
+        self.max_iter = max_iter
+        self.tol = tol
+        self.standardize = standardize
+
+    def _fit(self, X, y_idx, n_classes):
+        self.model_ = _scaled(self.standardize, LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol))
+        self.model_.fit(X, y_idx)
+        self.n_iter_ = self.model_[-1].n_iter_
+
+    def _proba(self, X):
+        return self.model_.predict_proba(X)
+
+class SVMHead(ClassifierHead):
+    """Support vector machine on standardised features.
+
+    Up to ``max_exact`` training rows: an exact kernel SVC (libsvm, one-vs-one). Above that, for the RBF kernel, a
+    Nystroem feature map with ``n_components`` landmarks followed by a ridge classifier (``alpha = 10 / C``);
+    its cost grows linearly in rows, not quadratically. ``predict_proba``: a softmax over the one-vs-rest
+    decision values (ranks classes exactly like the SVM's own decision, but is not calibrated);
+    ``probability=True`` calibrates with Platt scaling on 3-fold cross-validated decisions instead (about 3x
+    slower to fit, exact SVC only).
+    """
+
+    param_types = {"C": (float,), "kernel": ("rbf", "linear", "poly", "sigmoid"), "gamma": (float, "scale", "auto"),
+                   "degree": (int,), "standardize": (bool,), "max_exact": (int,), "n_components": (int,),
+                   "probability": (bool,), "random_state": (int, None)}
+    param_bounds = {"C": Bounds(0, low_open=True), "gamma": Bounds(0, low_open=True), "degree": Bounds(0),
+                    "max_exact": Bounds(0), "n_components": Bounds(1), "random_state": SEED_BOUNDS}
+
+    def __init__(self, C=10.0, kernel="rbf", gamma="scale", degree=3, standardize=True, max_exact=20000,
+                 n_components=2000, probability=False, random_state=0):
+        self.C = C
+        self.kernel = kernel
+        self.gamma = gamma
+        self.degree = degree
+        self.standardize = standardize
+        self.max_exact = max_exact
+        self.n_components = n_components
+        self.probability = probability
+        self.random_state = random_state
+
+    def _fit(self, X, y_idx, n_classes):
+        self.approximate_ = bool(self.kernel == "rbf" and len(X) > self.max_exact)
+        self.calibrated_ = bool(self.probability and not self.approximate_ and _min_count(y_idx) >= 2)
+        if self.approximate_:
+            scaler = StandardScaler() if self.standardize else None
+            Xs = scaler.fit_transform(X) if scaler is not None else X
+            gamma = self.gamma
+            if gamma == "scale":
+                var = float(np.var(Xs))
+                gamma = 1.0 / (X.shape[1] * var) if var > 0 else 1.0
+            elif gamma == "auto":
+                gamma = 1.0 / X.shape[1]
+            steps = [Nystroem(kernel="rbf", gamma=gamma, n_components=min(self.n_components, len(X)),
+                              random_state=self.random_state),
+                     # ridge on the mapped features: ~20x faster than LinearSVC here at the same accuracy
+                     # (docs/heads.md); alpha = 10 / C keeps C's meaning (larger C, weaker penalty)
+                     RidgeClassifier(alpha=10.0 / self.C)]
+            self.model_ = make_pipeline(*([scaler] if scaler is not None else []), *steps)
+        else:
+            svc = SVC(C=self.C, kernel=self.kernel, gamma=self.gamma, degree=self.degree,
+                      decision_function_shape="ovr", random_state=self.random_state)
+            if self.calibrated_:  # Platt scaling on cross-validated decisions, then one SVC on all rows
+                from sklearn.calibration import CalibratedClassifierCV
+
+                svc = CalibratedClassifierCV(svc, method="sigmoid", ensemble=False, cv=min(3, _min_count(y_idx)))
+            self.model_ = _scaled(self.standardize, svc)
+        self.model_.fit(X, y_idx)
+        if self.calibrated_:
+            self._keep_platt_coefficients()
+
+    def _keep_platt_coefficients(self):
+        """Keep the fitted SVC and its per-class sigmoid ``(a, b)`` as ``platt_``, not the calibrator objects:
+        those are private scikit-learn classes (``_CalibratedClassifier``, ``_SigmoidCalibration``) that model
+        files refuse to load. :meth:`_proba` recomputes exactly what ``CalibratedClassifierCV`` would."""
+        calibrated = self.model_.steps[-1][1].calibrated_classifiers_[0]  # ensemble=False: one
+        self.platt_ = np.array([[c.a_, c.b_] for c in calibrated.calibrators], dtype=np.float64)
+        self.model_.steps[-1] = (self.model_.steps[-1][0], calibrated.estimator)
+
+    def _proba(self, X):
+        d = self.model_.decision_function(X)
+        if self.calibrated_:
+            return _platt_proba(d, self.platt_, len(self.classes_))
+        if d.ndim == 1:  # two classes: one signed margin
+            d = np.stack([-d, d], axis=1)
+        return softmax(d)
+
+
+def _platt_proba(d, platt, n_classes):
+    """CalibratedClassifierCV(method="sigmoid")'s probabilities from decision values ``d`` and per-class ``(a, b)``:
+    one-vs-rest sigmoids normalised to sum to one (binary: the positive class's sigmoid and its complement)."""
+    d = d.reshape(-1, 1) if d.ndim == 1 else d
+    p = 1.0 / (1.0 + np.exp(platt[:, 0] * d + platt[:, 1]))  # expit(-(a * d + b))
+    if n_classes == 2:
+        proba = np.concatenate([1.0 - p[:, :1], p[:, :1]], axis=1)
+    else:
+        total = p.sum(axis=1, keepdims=True)
+        proba = np.divide(p, total, out=np.full_like(p, 1.0 / n_classes), where=total != 0)
+    proba[(proba > 1.0) & (proba <= 1.0 + 1e-5)] = 1.0
+    return proba
+
+class RandomForestHead(ClassifierHead):
+    """A random forest; needs no feature scaling. ``n_jobs=-1`` uses every core."""
+
+    param_types = {"n_estimators": (int,), "max_depth": (int, None), "max_features": (float, "sqrt", "log2", None),
+                   "min_samples_leaf": (int, float), "class_weight": ("balanced", "balanced_subsample", dict, None),
+                   "n_jobs": (int, None), "random_state": (int, None)}
+    param_bounds = {"n_estimators": Bounds(1), "max_depth": Bounds(1), "max_features": Bounds(0, 1, low_open=True),
+                    "min_samples_leaf": {int: Bounds(1), float: Bounds(0, 1, True, True)},
+                    "random_state": SEED_BOUNDS}
+
+    def __init__(self, n_estimators=200, max_depth=None, max_features="sqrt", min_samples_leaf=1, class_weight=None,
+                 n_jobs=-1, random_state=0):
+        self.n_estimators = n_estimators
+        self.max_depth = max_depth
+        self.max_features = max_features
+        self.min_samples_leaf = min_samples_leaf
+        self.class_weight = class_weight
+        self.n_jobs = n_jobs
+        self.random_state = random_state
+
+    def _fit(self, X, y_idx, n_classes):
+        self.model_ = RandomForestClassifier(
+            n_estimators=self.n_estimators, max_depth=self.max_depth, max_features=self.max_features,
+            min_samples_leaf=self.min_samples_leaf, class_weight=self.class_weight, n_jobs=self.n_jobs,
+            random_state=self.random_state)
+        self.model_.fit(X, y_idx)
+
+    def _proba(self, X):
+        return self.model_.predict_proba(X)
+
+class KNNHead(ClassifierHead):
+    """k nearest neighbours, cosine distance by default (embeddings compare by direction), distance-weighted votes."""
+
+    param_types = {"n_neighbors": (int,), "metric": ("cosine", "euclidean", "manhattan", "minkowski"),
+                   "weights": ("uniform", "distance"), "standardize": (bool,)}
+    param_bounds = {"n_neighbors": Bounds(1)}
+
+    def __init__(self, n_neighbors=10, metric="cosine", weights="distance", standardize=False):
+        self.n_neighbors = n_neighbors
+        self.metric = metric
+        self.weights = weights
+        self.standardize = standardize
+
+    def _fit(self, X, y_idx, n_classes):
+        k = min(self.n_neighbors, len(X))
+        algorithm = "brute" if self.metric == "cosine" else "auto"
+        self.model_ = _scaled(self.standardize, KNeighborsClassifier(n_neighbors=k, metric=self.metric,
+                                                                     weights=self.weights, algorithm=algorithm))
+        self.model_.fit(X, y_idx)
+
+    def _proba(self, X):
+        return self.model_.predict_proba(X)
