@@ -34,8 +34,10 @@ def register_backbones(register):
 
     ``weights_available()`` returns ``(bool, message)``: whether the default weights are present offline and where
     they come from (or which file to place where). ``takes_argument=True`` makes ``name:ARG`` valid and passes
-    ``model=ARG`` to the factory. Raise :class:`tlfx.TlfxError` (one line: the bad value and the fix) for missing
-    weights or bad options.
+    ``model=ARG`` to the factory. Optional: ``weights_status()`` returns ``{"status": "cached" | "downloadable" |
+    "offline-only" | "missing", "size": bytes or None, "where": str}`` for ``tlfx backbones``, and
+    ``import_weights(file)`` places a weights file the user carried in and returns where (``tlfx weights import``).
+    Raise :class:`tlfx.TlfxError` (one line: the bad value and the fix) for missing weights or bad options.
     """
 
 

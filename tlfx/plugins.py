@@ -49,7 +49,7 @@ DEFAULT_PLUGINS = {
 }
 # the keywords register() accepts per kind, besides name and factory (what tlfx reads from Entry.meta)
 KEYWORDS = {
-    "backbone": ("description", "weights_available", "takes_argument"),
+    "backbone": ("description", "weights_available", "takes_argument", "weights_status", "import_weights"),
     "head": ("description", "param_grid"),
     "dataset": ("description", "splits", "needs_argument", "argument"),
 }
