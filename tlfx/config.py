@@ -65,7 +65,8 @@ class FeatureConfig:
 
 def _show(v) -> str:
     if isinstance(v, dict) and "sha256" in v:
-        return f"{v.get('name')} (sha256 {str(v.get('sha256') or '')[:12] or 'none'})"
+        sha = str(v.get("sha256") or "")[:12]
+        return f"{v.get('name')} (sha256 {sha})" if sha else str(v.get("name"))
     if isinstance(v, tuple):
         v = list(v)
     return v if isinstance(v, str) else json.dumps(v, default=str)
