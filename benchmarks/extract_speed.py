@@ -95,10 +95,10 @@ def stage_naive(backbone: str, root: str, batch_size: int, workers: int) -> dict
     from torchvision import transforms as T
 
     import tlfx
-    from tlfx.backbone import FeatureExtractor
+    from tlfx.backbone import PooledLayers
 
     bb = tlfx.create_backbone(backbone, WEIGHTS[backbone])
-    model = FeatureExtractor(bb, "penultimate").eval()
+    model = PooledLayers(bb, "penultimate").eval()
     pre = bb.preprocess
     interp = T.InterpolationMode(pre.interpolation)
     tf = T.Compose([T.Resize(pre.resize, interpolation=interp), T.CenterCrop(pre.crop), T.ToTensor(),
@@ -119,7 +119,7 @@ def stage_model(backbone: str, root: str, n: int, batch_size: int) -> dict:
 
     import tlfx
     from tlfx.datasets import load_dataset
-    from tlfx.extract import FeatureComputer
+    from tlfx.extraction import FeatureComputer
 
     bb = tlfx.create_backbone(backbone, WEIGHTS[backbone])
     computer = FeatureComputer(bb)
@@ -147,7 +147,7 @@ def stage_model(backbone: str, root: str, n: int, batch_size: int) -> dict:
 
 def stage_tlfx(backbone: str, root: str, out: str, batch_size: int, workers: int | None) -> dict:
     import tlfx
-    from tlfx.extract import extract
+    from tlfx.extraction import extract
 
     bb = tlfx.create_backbone(backbone, WEIGHTS[backbone])
     t0, c0 = time.perf_counter(), _cpu_seconds()

@@ -11,7 +11,7 @@ import os
 
 import tlfx
 from tlfx.errors import TlfxError
-from tlfx.preprocess import WeightsInfo, file_sha256
+from tlfx.weights import WeightsInfo, file_sha256
 
 VARIANTS = {0: 224, 1: 240, 2: 260}
 

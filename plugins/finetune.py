@@ -92,7 +92,7 @@ class FinetuneModel(Model):
         from tlfx_plugins.finetune_train import eval_batches, predict_proba
 
         if self._fast_net is None:  # inference only: batch norms folded into the convolutions
-            from tlfx.fold import fold_batchnorm
+            from tlfx.bn_folding import fold_batchnorm
 
             self._fast_net = fold_batchnorm(self.network())[0]
         net = self._fast_net

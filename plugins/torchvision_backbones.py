@@ -7,7 +7,8 @@ import os
 
 import tlfx
 from tlfx.errors import TlfxError
-from tlfx.preprocess import Preprocess, WeightsInfo, file_sha256
+from tlfx.preprocess import Preprocess
+from tlfx.weights import WeightsInfo, file_sha256
 
 # torch and torchvision are imported inside the functions: plugin discovery must stay fast.
 

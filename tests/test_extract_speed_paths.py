@@ -11,7 +11,7 @@ from PIL import Image
 
 from tlfx.backbone import Preprocess
 from tlfx.datasets import load_dataset
-from tlfx.extract import FeatureComputer, extract
+from tlfx.extraction import FeatureComputer, extract
 from tlfx.images import _RESAMPLE, preprocess_image, resize_plan
 from tlfx.pipeline import DecodedImages, collate
 from tlfx.store import FeatureStore

@@ -24,9 +24,10 @@ import tlfx
 from tlfx.backbone import Backbone
 from tlfx.datasets import FileDataset, load_dataset
 from tlfx.errors import TlfxError
-from tlfx.extract import FeatureComputer
+from tlfx.extraction import FeatureComputer
 from tlfx.pipeline import collate
-from tlfx.preprocess import Preprocess, WeightsInfo
+from tlfx.preprocess import Preprocess
+from tlfx.weights import WeightsInfo
 from tlfx_plugins.finetune import FinetuneModel
 from tlfx_plugins.finetune_config import FinetuneConfig
 from tlfx_plugins.finetune_train import (

@@ -388,7 +388,7 @@ import multiprocessing, sys
 
 if __name__ == "__main__":
     multiprocessing.set_start_method("spawn", force=True)
-    from tlfx.extract import extract
+    from tlfx.extraction import extract
     from tlfx.plugins import reset_plugin_manager
 
     reset_plugin_manager([sys.argv[1]])

@@ -13,7 +13,7 @@ from conftest import needs_fashion
 
 from tlfx import runtime
 from tlfx.errors import TlfxError
-from tlfx.extract import FeatureComputer, extract
+from tlfx.extraction import FeatureComputer, extract
 from tlfx.store import FeatureStore
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

@@ -365,20 +365,20 @@ def test_pickled_module_needs_trust_and_mismatch_is_one_line(tmp_path, vit_sd):
 def test_transformer_and_convnext_features(name):
     """penultimate = the model's own pre-logits; --layers on blocks = pooled patch tokens; deterministic and
     independent of the batch (random init, --weights none)."""
-    from tlfx.backbone import FeatureExtractor
+    from tlfx.backbone import PooledLayers
 
     bb = tlfx.create_backbone(name, weights="none")
     m = bb.module
     torch.manual_seed(0)
     x = torch.rand(5, 3, 160, 160)
-    pen = FeatureExtractor(bb, "penultimate")
+    pen = PooledLayers(bb, "penultimate")
     with torch.inference_mode():
         got = pen(x)
         assert torch.allclose(got, m.forward_head(m.forward_features(x), pre_logits=True), atol=1e-6)
         assert torch.equal(got, pen(x))
         assert torch.allclose(torch.cat([pen(x[:2]), pen(x[2:])]), got, atol=1e-5)
         last = bb.stages[-1]
-        blocks = FeatureExtractor(bb, last)(x)
+        blocks = PooledLayers(bb, last)(x)
         out = {}
         h = dict(m.named_modules())[last].register_forward_hook(lambda mod, a, o: out.setdefault("t", o))
         m(x)
@@ -386,7 +386,7 @@ def test_transformer_and_convnext_features(name):
         t = out["t"]
         ref = t[:, m.num_prefix_tokens:].mean(1) if t.dim() == 3 else t.mean((2, 3))
         assert torch.allclose(blocks, ref, atol=1e-6)
-        multi = FeatureExtractor(bb, "multi")(x)
+        multi = PooledLayers(bb, "multi")(x)
     assert got.shape == (5, m.num_features) and multi.shape[0] == 5 and multi.shape[1] > got.shape[1]
     if name == "timm:test_vit":
         assert m.num_prefix_tokens == 1 and bb.extra["prefix_tokens"] == 1

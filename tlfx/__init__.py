@@ -18,7 +18,7 @@ _LAZY = {
     "list_backbones": "backbone",
     "list_datasets": "datasets",
     "load_dataset": "datasets",
-    "extract": "extract",
+    "extract": "extraction",
     "FeatureStore": "store",
     "get_plugin_manager": "plugins",
     "load_model": "api",
@@ -38,16 +38,3 @@ def __getattr__(name):
         globals()[name] = value
         return value
     raise AttributeError(f"module 'tlfx' has no attribute {name!r}")
-
-
-class _Package(importlib.import_module("types").ModuleType):
-    """Importing the submodule ``tlfx.extract`` must not shadow the function ``tlfx.extract`` (Python binds a
-    submodule onto its package after import, bypassing ``__getattr__``)."""
-
-    def __setattr__(self, name, value):
-        if name in _LAZY and type(value).__name__ == "module" and hasattr(value, name):
-            value = getattr(value, name)
-        super().__setattr__(name, value)
-
-
-importlib.import_module("sys").modules[__name__].__class__ = _Package

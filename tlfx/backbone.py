@@ -11,7 +11,8 @@ from torch import nn
 from .config import POOLINGS
 from .errors import TlfxError
 from .plugins import registry
-from .preprocess import Preprocess, WeightsInfo, file_sha256  # noqa: F401  (re-exported)
+from .preprocess import Preprocess  # noqa: F401  (re-exported)
+from .weights import WeightsInfo, file_sha256  # noqa: F401  (re-exported)
 
 
 def pool(t: torch.Tensor, pooling: str = "avg", prefix_tokens: int = 0) -> torch.Tensor:
@@ -79,7 +80,7 @@ class Backbone:
         }
 
 
-class FeatureExtractor(nn.Module):
+class PooledLayers(nn.Module):
     """Runs a backbone once and returns the pooled outputs of the chosen layers, concatenated."""
 
     def __init__(self, backbone: Backbone, layers, pooling: str = "avg"):

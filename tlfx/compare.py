@@ -397,7 +397,7 @@ def _channels_are_copies(store: FeatureStore) -> bool:
 
 
 def _extract_baseline_split(name: str, st: FeatureStore, what: str, out: str, prog: Progress, step=True):
-    from .extract import extract
+    from .extraction import extract
 
     if step:
         prog.step(f"baseline {name}: {what} split")

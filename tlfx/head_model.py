@@ -20,7 +20,7 @@ from . import __version__
 from . import models as _models
 from .config import FeatureConfig
 from .errors import TlfxError
-from .models import Model, Trust, check_config, no_network, register_model_kind, write_atomically
+from .models import Model, Trust, register_model_kind, write_atomically
 
 HEAD_MEMBER = "head.skops"
 # scikit-learn types the heads use that skops does not trust by default, but rebuilds from plain arrays only
@@ -133,55 +133,18 @@ class HeadModel(Model):
     def feature_computer(self, device=None):
         """The backbone that made the training features, rebuilt and verified (weights sha256) for new images."""
         if self._computer is None:
-            self._computer = build_computer(self.config, device=device)
+            from .extraction import FeatureComputer
+
+            self._computer = FeatureComputer.from_config(self.config, device=device)
         return self._computer
 
     def predict_proba_images(self, paths: list[str]):
-        from .extract import embed_images
+        from .extraction import embed_images
 
         feats, ok, bad = embed_images(self.feature_computer(), list(paths))
         if not ok:
             return np.zeros((0, len(self.class_names))), ok, bad
         return self.predict_proba_features(feats), ok, bad
-
-
-def build_computer(config: dict, device=None):
-    """Rebuild a model's backbone from its recorded configuration; refuse weights that are not the recorded ones."""
-    from .backbone import create_backbone
-    from .extract import FeatureComputer
-
-    name = config.get("backbone")
-    if not name:
-        raise TlfxError("the model records no backbone configuration, so it cannot run on images; use tlfx evaluate "
-                        "on a feature store instead")
-    w = config.get("weights") or {}
-    if w.get("name") == "random-init":
-        raise TlfxError(f"the model was trained on features of a randomly initialised {name!r}, which cannot be "
-                        f"rebuilt; extract with pretrained or --weights file weights and fit again")
-    want = w.get("sha256") or ""
-    bb, first_error = None, None
-    with no_network():  # a model file must not make tlfx download anything (nor wait on a hub)
-        try:
-            bb = create_backbone(name)
-        except TlfxError as exc:
-            first_error = exc
-        if (bb is None or bb.weights.sha256 != want) and w.get("path") and os.path.isfile(w["path"]):
-            bb = create_backbone(name, weights=w["path"])
-    if bb is None:
-        raise first_error
-    if bb.weights.sha256 != want:
-        raise TlfxError(f"backbone {name!r} weights here (sha256 {bb.weights.sha256[:16] or 'none'}) are not the ones "
-                        f"the model was trained with ({w.get('name')}, sha256 {want[:16] or 'none'}, recorded path "
-                        f"{w.get('path') or '-'}); place that weights file there and run again")
-    layers, pooling, size = config.get("layers") or "penultimate", config.get("pooling") or "avg", config.get("image_size")
-    # the same check evaluate makes against a store: the backbone as rebuilt here must make the same features
-    check_config(config, bb.config(layers, pooling, size), f"backbone {name!r} as installed here",
-                 "install the backbone (plugin) version the model was made with, or fit the head again on its features")
-    precision = config.get("precision") or "auto"
-    try:
-        return FeatureComputer(bb, layers, pooling, size, precision, device)
-    except TlfxError:  # e.g. a bf16 model on a machine without bf16: same weights, fp32 is the safe choice
-        return FeatureComputer(bb, layers, pooling, size, "fp32", device)
 
 
 def _check_skops_container(data: bytes, where: str):

@@ -1,9 +1,7 @@
-"""Light records shared by backbones, stores and models: preprocessing and weights provenance (no torch)."""
+"""How an image becomes a network's input: the preprocessing record shared by backbones, stores and models (no torch)."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 from dataclasses import asdict, dataclass
 
 
@@ -27,30 +25,3 @@ class Preprocess:
         d = asdict(self)
         d["mean"], d["std"] = [float(x) for x in self.mean], [float(x) for x in self.std]
         return d
-
-
-@dataclass
-class WeightsInfo:
-    name: str
-    sha256: str = ""
-    path: str = ""
-
-    def to_dict(self):
-        return {"name": self.name, "sha256": self.sha256, "path": self.path}
-
-
-_SHA_CACHE: dict[tuple, str] = {}
-
-
-def file_sha256(path: str) -> str:
-    st = os.stat(path)
-    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
-    if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
-    return _SHA_CACHE[key]
-
-

@@ -122,7 +122,7 @@ def check_backbone(backbone, *, weights: str | None = "none", image_size: int | 
     from torch import nn
 
     from .backbone import Backbone, Preprocess, WeightsInfo, create_backbone
-    from .extract import FeatureComputer
+    from .extraction import FeatureComputer
     from .images import _RESAMPLE, preprocess_image
 
     if isinstance(backbone, str):

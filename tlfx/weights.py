@@ -12,6 +12,7 @@ mirrors, and the cache that ``tlfx weights`` lists and fills.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
 import re
 import shutil
@@ -19,10 +20,37 @@ import socket
 import sys
 import threading
 import uuid
+from dataclasses import dataclass
 from urllib.parse import urlparse
 
 from .errors import TlfxError
-from .preprocess import file_sha256
+
+
+@dataclass
+class WeightsInfo:
+    """Where a backbone's weights came from: ``name``, the file's ``sha256`` and ``path`` (recorded in stores)."""
+
+    name: str
+    sha256: str = ""
+    path: str = ""
+
+    def to_dict(self):
+        return {"name": self.name, "sha256": self.sha256, "path": self.path}
+
+
+_SHA_CACHE: dict[tuple, str] = {}
+
+
+def file_sha256(path: str) -> str:
+    st = os.stat(path)
+    key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
+    if key not in _SHA_CACHE:
+        h = hashlib.sha256()
+        with open(path, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                h.update(block)
+        _SHA_CACHE[key] = h.hexdigest()
+    return _SHA_CACHE[key]
 
 OFFLINE_ENV = "TLFX_OFFLINE"
 MIRROR_ENV = "TLFX_WEIGHTS_URL"

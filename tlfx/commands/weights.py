@@ -49,7 +49,7 @@ def _package_files() -> list:
     import os
 
     from ..plugins import registry
-    from ..preprocess import file_sha256
+    from ..weights import file_sha256
 
     rows = []
     for e in registry("backbone").entries():

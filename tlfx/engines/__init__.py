@@ -85,7 +85,7 @@ def extract_with(engine: str, opts, **ray_options):
     given = [k for k, v in ray_options.items() if v not in (None, 0)]
     if given:
         raise TlfxError(f"--{given[0].replace('_', '-')} only applies to --engine ray; add --engine ray or drop it")
-    from ..extract import run_extraction
+    from ..extraction import run_extraction
 
     return run_extraction(opts)
 

@@ -38,7 +38,7 @@ from ray.exceptions import NodeDiedError, ObjectLostError, RayActorError, RayTas
 from ..config import ExtractOptions
 from ..datasets import ImageDataset, load_dataset
 from ..errors import TlfxError
-from ..extract import ExtractResult, store_attributes
+from ..extraction import ExtractResult, store_attributes
 from ..safetext import terminal
 from ..store import FeatureStore, StoreWriter, parts_dir, read_attrs, write_part
 from . import connect_ray
@@ -78,7 +78,7 @@ class BlockWorker:
         import torch
 
         from ..backbone import create_backbone
-        from ..extract import FeatureComputer
+        from ..extraction import FeatureComputer
 
         if os.path.isdir(job["cwd"]):
             os.chdir(job["cwd"])  # relative data specs and weights paths mean what they meant on the driver

@@ -11,7 +11,7 @@ from tlfx_plugin_example import SHAPES, NearestClassMean, export_shapes, pca_log
 
 import tlfx
 from tlfx.errors import TlfxError
-from tlfx.extract import extract
+from tlfx.extraction import extract
 from tlfx.testing import check_backbone, check_dataset, check_head, check_registration
 
 

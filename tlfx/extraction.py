@@ -12,11 +12,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from .backbone import Backbone, FeatureExtractor, create_backbone
+from .backbone import Backbone, PooledLayers, create_backbone
+from .bn_folding import fold_batchnorm as fold_bn
 from .config import DTYPES, IMAGE_SIZES, ExtractOptions  # noqa: F401  (DTYPES, IMAGE_SIZES: re-exported)
 from .datasets import ImageDataset, load_dataset
 from .errors import TlfxError
-from .fold import fold_batchnorm as fold_bn
+from .models import check_config, no_network
 from .pipeline import Normalizer, image_batches
 from .runtime import autocast, pick_device, resolve_precision, tune_allocator
 from .safetext import terminal
@@ -31,7 +32,7 @@ class FeatureComputer:
     Runs the network in ``precision`` (``auto``: bf16 autocast on CPUs with AMX/AVX512-BF16 and on CUDA, see
     :func:`tlfx.runtime.resolve_precision`), channels_last, under ``torch.inference_mode``; features come back
     float32 whatever the compute precision. Batch norms that directly follow a convolution are folded into it
-    (:mod:`tlfx.fold`; on a copy, so ``backbone`` itself is not changed). ``compile=True`` wraps the network in
+    (:mod:`tlfx.bn_folding`; on a copy, so ``backbone`` itself is not changed). ``compile=True`` wraps the network in
     ``torch.compile`` (minutes of compilation on a small CPU; see docs/performance.md).
     """
 
@@ -49,7 +50,7 @@ class FeatureComputer:
             module, self.folded = fold_bn(backbone.module, keep=backbone.resolve_layers(layers))
             if self.folded:  # the caller's backbone stays untouched; hooks see the same layer names
                 backbone = dataclasses.replace(backbone, module=module)
-        self.model = FeatureExtractor(backbone, layers, pooling).to(self.device).to(memory_format=torch.channels_last)
+        self.model = PooledLayers(backbone, layers, pooling).to(self.device).to(memory_format=torch.channels_last)
         self.model.eval()
         self.layers = self.model.layers
         self.compiled = bool(compile)
@@ -58,6 +59,43 @@ class FeatureComputer:
         self._compiled_batch = 0
         self.normalize = Normalizer(self.pre, self.device)
         self.scale, self.bias = self.normalize.scale, self.normalize.bias  # x * scale + bias (benchmarks use them)
+
+    @classmethod
+    def from_config(cls, config: dict, device=None) -> FeatureComputer:
+        """The backbone a model was trained on, rebuilt from its recorded configuration, without touching the
+        network; refuses weights or a configuration other than the recorded ones (what ``tlfx predict`` runs)."""
+        name = config.get("backbone")
+        if not name:
+            raise TlfxError("the model records no backbone configuration, so it cannot run on images; use tlfx evaluate "
+                            "on a feature store instead")
+        w = config.get("weights") or {}
+        if w.get("name") == "random-init":
+            raise TlfxError(f"the model was trained on features of a randomly initialised {name!r}, which cannot be "
+                            f"rebuilt; extract with pretrained or --weights file weights and fit again")
+        want = w.get("sha256") or ""
+        bb, first_error = None, None
+        with no_network():  # a model file must not make tlfx download anything (nor wait on a hub)
+            try:
+                bb = create_backbone(name)
+            except TlfxError as exc:
+                first_error = exc
+            if (bb is None or bb.weights.sha256 != want) and w.get("path") and os.path.isfile(w["path"]):
+                bb = create_backbone(name, weights=w["path"])
+        if bb is None:
+            raise first_error
+        if bb.weights.sha256 != want:
+            raise TlfxError(f"backbone {name!r} weights here (sha256 {bb.weights.sha256[:16] or 'none'}) are not the ones "
+                            f"the model was trained with ({w.get('name')}, sha256 {want[:16] or 'none'}, recorded path "
+                            f"{w.get('path') or '-'}); place that weights file there and run again")
+        layers, pooling, size = config.get("layers") or "penultimate", config.get("pooling") or "avg", config.get("image_size")
+        # the same check evaluate makes against a store: the backbone as rebuilt here must make the same features
+        check_config(config, bb.config(layers, pooling, size), f"backbone {name!r} as installed here",
+                     "install the backbone (plugin) version the model was made with, or fit the head again on its features")
+        precision = config.get("precision") or "auto"
+        try:
+            return cls(bb, layers, pooling, size, precision, device)
+        except TlfxError:  # e.g. a bf16 model on a machine without bf16: same weights, fp32 is the safe choice
+            return cls(bb, layers, pooling, size, "fp32", device)
 
     def __call__(self, batch_uint8_nhwc: torch.Tensor) -> np.ndarray:
         """Features (float32 ``[N, D]``) of a uint8 ``[N, H, W, 3]`` batch already resized and cropped."""

@@ -1,4 +1,4 @@
-"""Batch-norm folding (tlfx.fold) changes how fast features come out, never what they are."""
+"""Batch-norm folding (tlfx.bn_folding) changes how fast features come out, never what they are."""
 
 from __future__ import annotations
 
@@ -9,8 +9,8 @@ import torchvision
 from torch import nn
 
 from tlfx.backbone import create_backbone
-from tlfx.extract import FeatureComputer
-from tlfx.fold import conv_bn_pairs, fold_batchnorm
+from tlfx.bn_folding import conv_bn_pairs, fold_batchnorm
+from tlfx.extraction import FeatureComputer
 
 
 def _random_stats(m: nn.Module, seed=0) -> nn.Module:
