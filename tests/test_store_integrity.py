@@ -78,19 +78,67 @@ DAMAGE = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(DAMAGE))
-def test_inconsistent_store_is_refused_in_one_line_by_info_fit_and_compare(pixel_stores, tmp_path, case):
-    damage, needle = DAMAGE[case]
-    bad = tmp_path / "bad.h5"
-    shutil.copy(pixel_stores[0], bad)
-    with h5py.File(bad, "r+", libver="latest") as f:
-        damage(f)
-    for args in (["info", bad], ["fit", "--features", bad, "--head", "knn", "--out", tmp_path / "m.tlfx"],
-                 ["compare", "--train", bad, "--test", pixel_stores[1], "--heads", "knn", "--learning-curve", "none",
-                  "--bootstrap", "10", "--out", tmp_path / "rep"]):
-        line = _one_line_exit_2(run_cli(*args), needle, str(bad))
-        assert "extract it again" in line
-    assert not (tmp_path / "m.tlfx").exists()
+_FORK_RUNNER = r"""
+import json, os, sys
+import tlfx.api, tlfx.cli, tlfx.compare, torch  # noqa: F401 - imported once; each job below is a forked process
+from tlfx.heads import create_head
+create_head("knn")  # loads the head plugins once too
+results = []
+for i, args in enumerate(json.loads(sys.argv[1])):
+    out, err = f"{sys.argv[2]}/{i}.out", f"{sys.argv[2]}/{i}.err"
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            fo, fe = os.open(out, os.O_WRONLY | os.O_CREAT, 0o600), os.open(err, os.O_WRONLY | os.O_CREAT, 0o600)
+            os.dup2(fo, 1)
+            os.dup2(fe, 2)
+            tlfx.cli.main(args)
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        finally:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+    status = os.waitpid(pid, 0)[1]
+    code = os.waitstatus_to_exitcode(status)
+    results.append({"returncode": 128 - code if code < 0 else code,
+                    "stdout": open(out).read(), "stderr": open(err).read()})
+print(json.dumps(results))
+"""
+
+
+def run_cli_many(jobs, tmp_path):
+    """Run many ``tlfx`` command lines, each in its own process, paying the interpreter and torch start-up once.
+
+    One subprocess imports the CLI, then forks a child per job that runs ``tlfx.cli.main(args)`` exactly as
+    ``python -m tlfx.cli`` does; a child killed by a signal reports 128 + the signal, like a shell.
+    """
+    logs = tmp_path / "fork_logs"
+    logs.mkdir(exist_ok=True)
+    p = subprocess.run([sys.executable, "-c", _FORK_RUNNER, json.dumps([[str(a) for a in j] for j in jobs]), str(logs)],
+                       capture_output=True, text=True, timeout=900)
+    assert p.returncode == 0, p.stderr
+    return [subprocess.CompletedProcess(j, r["returncode"], r["stdout"], r["stderr"])
+            for j, r in zip(jobs, json.loads(p.stdout.strip().splitlines()[-1]))]
+
+
+def test_inconsistent_stores_are_refused_in_one_line_by_info_fit_and_compare(pixel_stores, tmp_path):
+    jobs, expect = [], []
+    for case, (damage, needle) in sorted(DAMAGE.items()):
+        bad = tmp_path / f"{case}.h5"
+        shutil.copy(pixel_stores[0], bad)
+        with h5py.File(bad, "r+", libver="latest") as f:
+            damage(f)
+        for args in (["info", bad], ["fit", "--features", bad, "--head", "knn", "--out", tmp_path / f"{case}.tlfx"],
+                     ["compare", "--train", bad, "--test", pixel_stores[1], "--heads", "knn", "--learning-curve",
+                      "none", "--bootstrap", "10", "--out", tmp_path / f"rep-{case}"]):
+            jobs.append(args)
+            expect.append((case, needle, str(bad)))
+    for p, (case, needle, bad) in zip(run_cli_many(jobs, tmp_path), expect):
+        line = _one_line_exit_2(p, needle, bad)
+        assert "extract it again" in line, (case, line)
+        assert not (tmp_path / f"{case}.tlfx").exists()
 
 
 def test_undamaged_copy_still_reads(pixel_stores, tmp_path):

@@ -242,7 +242,7 @@ def _attr_value(path: str, k: str, v):
     if isinstance(v, np.generic):
         v = v.item()
     if isinstance(v, str) and len(v) > MAX_ATTR_CHARS:
-        raise _refuse(path, f"attribute {terminal(k)!r} holds {len(v)} characters (at most {MAX_ATTR_CHARS})")
+        raise _refuse(path, f"attribute {terminal(k)!r} is larger than {MAX_ATTR_CHARS} characters ({len(v)})")
     want = _KINDS.get(k)
     if want in (dict, list) and isinstance(v, str):
         try:
