@@ -56,6 +56,14 @@ def _big_json_attr(f):
     f.attrs["class_names"] = json.dumps([str(i) * 10 for i in range(200_000)])  # ~ 10 MB of JSON
 
 
+def _features_from_another_file(f):
+    shape = f["features"].shape
+    layout = h5py.VirtualLayout(shape=shape, dtype="f4")
+    layout[...] = h5py.VirtualSource("/tmp/someone-elses.h5", "features", shape=shape)
+    del f["features"]
+    f.create_virtual_dataset("features", layout, fillvalue=0)
+
+
 DAMAGE = {
     "labels_shorter": (lambda f: _replace(f, "labels", f["labels"][:-5]), "/labels has 295"),
     "label_outside_classes": (lambda f: f["labels"].__setitem__(3, 12), "label 12 is outside the 10 classes"),
@@ -75,6 +83,7 @@ DAMAGE = {
     "features_int": (lambda f: _replace(f, "features", f["features"][...].astype(np.int32)), "expected floats"),
     "ids_numbers": (lambda f: _replace(f, "ids", np.arange(300)), "/ids holds int64 values, expected strings"),
     "huge_json_attribute": (_big_json_attr, "larger than"),
+    "features_mapping_another_file": (_features_from_another_file, "maps '/tmp/someone-elses.h5', which is not one of"),
 }
 
 
@@ -325,6 +334,14 @@ def test_planted_symlinks_at_temporary_names_are_not_followed_and_stale_ones_are
     assert victim.read_text() == "precious"
     assert not [n for n in os.listdir(tmp_path) if ".tmp" in n], "stale temporaries of this store are removed"
     assert FeatureStore(str(out)).complete and oct(os.stat(out).st_mode & 0o777) == oct(0o666 & ~_umask())
+    # in this process the old name is known for sure: a link planted there is not written through either
+    part = f"{out}.parts/part-{0:010d}-{4:010d}.h5"
+    os.makedirs(f"{out}.parts")
+    os.symlink(victim, f"{part}.tmp{os.getpid()}")
+    tlfx.store.write_part(str(out), 0, 4, np.ones((4, 3), np.float32), [0, 1, 0, 1], list("abcd"), [])
+    assert victim.read_text() == "precious"
+    with h5py.File(part, "r") as f:
+        assert np.array_equal(f["features"][...], np.ones((4, 3))) and f["features"].fletcher32
 
 
 def _umask():

@@ -150,13 +150,16 @@ def _fsync_dir(directory: str):
         os.close(fd)
 
 
-def _atomic_h5(path: str, fill):
+def _atomic_h5(path: str, fill, need: int = 0):
     """Write an HDF5 file under a fresh temporary name, fsync, then rename onto ``path``.
 
     The temporary is created exclusively (``mkstemp``: never through a file or link planted at a guessable name) and
-    must still be the file we created when it is renamed.
+    must still be the file we created when it is renamed. ``need``: the bytes the file will take; with less free
+    space nothing is started, since HDF5 running out of space mid-write can crash the process (seen: SIGSEGV).
     """
     directory = os.path.dirname(os.path.abspath(path))
+    if need and _free_bytes(directory) < need:
+        raise _os_error(OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)), path)
     try:
         fd, tmp = tempfile.mkstemp(prefix=os.path.basename(path) + ".tmp", dir=directory)
     except OSError as exc:
@@ -181,6 +184,14 @@ def _atomic_h5(path: str, fill):
         raise
     finally:
         os.close(fd)
+
+
+def _free_bytes(directory: str) -> int:
+    try:
+        st = os.statvfs(directory)
+    except OSError:
+        return 1 << 62  # cannot tell: let the write itself find out
+    return st.f_bavail * st.f_frsize
 
 
 def _unlink_quietly(path: str):
@@ -328,7 +339,10 @@ def write_part(path: str, start: int, end: int, features: np.ndarray, labels, id
         f.create_dataset("skipped_ids", data=[s[0] for s in skipped], dtype=STR)
         f.create_dataset("skipped_reasons", data=[s[1] for s in skipped], dtype=STR)
 
-    _atomic_h5(target, fill)
+    ids = list(ids)
+    need = (np.asarray(features).size * np.dtype(dtype).itemsize + 8 * len(labels) + sum(len(str(i)) + 32 for i in ids)
+            + sum(len(str(a)) + len(str(b)) + 64 for a, b in skipped) + (64 << 10))  # + HDF5's own structures
+    _atomic_h5(target, fill, need)
     return target
 
 
@@ -395,7 +409,7 @@ class StoreWriter:
         if os.path.isdir(parts_dir(self.path)):
             shutil.rmtree(parts_dir(self.path))
         header = {**self.attrs, "complete": False}
-        _atomic_h5(self.path, lambda f: _set_attrs(f, header))
+        _atomic_h5(self.path, lambda f: _set_attrs(f, header), need=len(json.dumps(header, default=str)) + (64 << 10))
 
     def parts(self):
         return list_parts(self.path)
@@ -481,11 +495,7 @@ def _check_space(path: str, part_paths: list[str], virtual: bool):
     directory = os.path.dirname(os.path.abspath(path))
     size = sum(os.path.getsize(p) for p in part_paths)
     need = (size // 8 if virtual else size + size // 20) + (1 << 20)  # ids, skipped and HDF5's own overhead
-    try:
-        st = os.statvfs(directory)
-    except OSError:
-        return
-    free = st.f_bavail * st.f_frsize
+    free = _free_bytes(directory)
     if free < need:
         raise TlfxError(f"disk full: joining the {len(part_paths)} parts of {path!r} needs about {_mb(need)} but "
                         f"{directory!r} has {_mb(free)} free; free space and run the same extract command again "
@@ -567,6 +577,18 @@ def _check_layout(f, path: str, n_classes: int, skipped=("skipped/ids", "skipped
             raise _refuse(path, f"label {int(bad[0])} is outside the {n_classes} classes of class_names "
                                 f"(labels run from 0 to {n_classes - 1}, -1 = unlabelled)")
     return n, dim
+
+
+def _check_virtual_sources(ds, path: str, name: str):
+    """A virtual dataset may only map this store's own parts (never another file on this machine)."""
+    if not ds.is_virtual:
+        return
+    own = os.path.realpath(parts_dir(path))
+    base = os.path.dirname(os.path.abspath(path))
+    for src in ds.virtual_sources():
+        target = os.path.realpath(os.path.join(base, src.file_name))
+        if os.path.dirname(target) != own or not _PART_RE.match(os.path.basename(target)):
+            raise _refuse(path, f"/{name} maps {terminal(src.file_name)!r}, which is not one of its parts")
 
 
 def _check_part(f, path: str, start: int, end: int, n_classes: int) -> tuple[int, int]:
@@ -651,6 +673,8 @@ class FeatureStore:
         with _open_h5(self.path) as f:
             n, dim = _check_layout(f, self.path, len(self.class_names))
             dtype = f["features"].dtype.name
+            for name in ("features", "labels"):
+                _check_virtual_sources(f[name], self.path, name)
         a = self.attrs
         if a.get("n") != n:
             raise _refuse(self.path, f"attribute n = {a.get('n')} but /features has {n} rows")
