@@ -438,7 +438,7 @@ def finalize(path: str, attrs: dict, stats: dict | None = None, virtual: bool = 
     metas = []
     for start, end, p in chain:
         with _open_h5(p) as f:
-            metas.append((p, _check_part(f, p, start, end, len(attrs.get("class_names") or [])), 0))
+            metas.append((p, _check_part(f, p, start, end, None), 0))  # labels are checked by readers
     dim = next((s[1] for _, s, _ in metas if s[0] > 0), 0)
     n = sum(s[0] for _, s, _ in metas)
     dtype = attrs.get("dtype", "float32")
@@ -556,8 +556,9 @@ def _dataset(f, path: str, name: str, ndim: int, kinds: str):
     return d
 
 
-def _check_layout(f, path: str, n_classes: int, skipped=("skipped/ids", "skipped/reasons")) -> tuple[int, int]:
-    """Check the datasets of a store or a part against each other and the class list; returns (rows, dim)."""
+def _check_layout(f, path: str, n_classes: int | None, skipped=("skipped/ids", "skipped/reasons")) -> tuple[int, int]:
+    """Check the datasets of a store or a part against each other and the class list (``n_classes`` None: labels
+    unchecked); returns (rows, dim)."""
     feats = _dataset(f, path, "features", 2, "f")
     labels = _dataset(f, path, "labels", 1, "iu")
     ids = _dataset(f, path, "ids", 1, "s")
@@ -570,7 +571,7 @@ def _check_layout(f, path: str, n_classes: int, skipped=("skipped/ids", "skipped
     sk_reasons = _dataset(f, path, skipped[1], 1, "s")
     if sk_ids.shape != sk_reasons.shape:
         raise _refuse(path, f"/{skipped[0]} has {sk_ids.shape[0]} entries but /{skipped[1]} {sk_reasons.shape[0]}")
-    for i in range(0, n, 1 << 20):
+    for i in range(0, n if n_classes is not None else 0, 1 << 20):
         block = read_rows(labels, path, "labels", i, i + (1 << 20))
         bad = block[(block < -1) | (block >= n_classes)]
         if bad.size:
@@ -591,7 +592,7 @@ def _check_virtual_sources(ds, path: str, name: str):
             raise _refuse(path, f"/{name} maps {terminal(src.file_name)!r}, which is not one of its parts")
 
 
-def _check_part(f, path: str, start: int, end: int, n_classes: int) -> tuple[int, int]:
+def _check_part(f, path: str, start: int, end: int, n_classes: int | None) -> tuple[int, int]:
     rows, dim = _check_layout(f, path, n_classes, skipped=("skipped_ids", "skipped_reasons"))
     if rows > end - start:
         raise _refuse(path, f"the part of items {start}-{end} holds {rows} rows")
