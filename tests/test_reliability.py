@@ -137,7 +137,7 @@ def test_other_configuration_is_refused_with_what_differs_and_overwrite_replaces
     assert again.returncode == 0 and "already complete" in again.stdout
     p = run_cli(*base, "--pooling", "max", "--layers", "multi")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
-    assert "pooling: avg -> max" in p.stderr and "layers:" in p.stderr and "--overwrite" in p.stderr
+    assert "pooling: store avg vs now max" in p.stderr and "layers:" in p.stderr and "--overwrite" in p.stderr
     assert tlfx.FeatureStore(str(out)).attrs["pooling"] == "avg"  # nothing already written is lost
     p = run_cli(*base, "--pooling", "max", "--overwrite")
     assert p.returncode == 0 and tlfx.FeatureStore(str(out)).attrs["pooling"] == "max"

@@ -42,15 +42,6 @@ def param_grid(name: str) -> dict:
     return dict(registry("head").get(name).meta.get("param_grid") or {})
 
 
-def head_description(name: str) -> str:
-    return registry("head").get(name).description
-
-
-def head_plugin(name: str) -> str:
-    """The plugin that registered head ``name`` (first-party: ``sklearn_heads``, ``linear_head``)."""
-    return registry("head").get(name).plugin
-
-
 FIRST_PARTY_PLUGINS = ("sklearn_heads", "linear_head")
 
 

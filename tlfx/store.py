@@ -23,12 +23,14 @@ import h5py
 import numpy as np
 
 from . import __version__
+from .config import RESUME, FeatureConfig
 from .errors import TlfxError
 from .safetext import terminal
 
 FORMAT_VERSION = 1
-CONFIG_KEYS = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess", "precision", "dtype",
-               "dataset", "split", "dataset_fingerprint")
+# a resumed store must agree with the run that continues it on the features' configuration and on its source
+SOURCE_KEYS = ("dtype", "dataset", "split", "dataset_fingerprint")
+CONFIG_KEYS = (*RESUME, *SOURCE_KEYS)
 JSON_ATTRS = ("weights", "layers", "preprocess", "class_names", "stats")
 _PART_RE = re.compile(r"^part-(\d{10})-(\d{10})\.h5$")
 STR = h5py.string_dtype("utf-8")
@@ -287,13 +289,11 @@ def config_of(attrs: dict) -> dict:
     return {k: attrs.get(k) for k in CONFIG_KEYS}
 
 
-def config_diff(a: dict, b: dict) -> list[str]:
-    def short(v):
-        if isinstance(v, dict) and "sha256" in v:
-            return f"{v.get('name')} {str(v.get('sha256'))[:12]}"
-        return json.dumps(v) if not isinstance(v, str) else v
-
-    return [f"{k}: {short(a.get(k))} -> {short(b.get(k))}" for k in CONFIG_KEYS if a.get(k) != b.get(k)]
+def config_diff(existing: dict, new: dict) -> list[str]:
+    """What a run would change in a store: the feature configuration (:meth:`FeatureConfig.diff`, precision
+    included) and where the images come from."""
+    diff = FeatureConfig.from_dict(existing).diff(FeatureConfig.from_dict(new), names=("store", "now"), keys=RESUME)
+    return diff + [f"{k}: store {existing.get(k)} vs now {new.get(k)}" for k in SOURCE_KEYS if existing.get(k) != new.get(k)]
 
 
 # ------------------------------------------------------------------------------------------------------ parts
@@ -355,12 +355,6 @@ def covered_until(parts, n_items: int) -> int:
         elif start > k:
             break
     return min(k, n_items)
-
-
-def missing_ranges(parts, n_items: int, block: int) -> list[tuple[int, int]]:
-    """Blocks of ``block`` items not yet covered by any part (for independent writers)."""
-    done = {(s, e) for s, e, _ in parts}
-    return [(s, min(s + block, n_items)) for s in range(0, n_items, block) if (s, min(s + block, n_items)) not in done]
 
 
 # ---------------------------------------------------------------------------------------------------- writing
@@ -771,17 +765,6 @@ class FeatureStore:
     def __len__(self):
         snap = self._snapshot()
         return len(snap["labels"]) if snap is not None else int(self.attrs.get("n", 0))
-
-    def iter_batches(self, rows: int = 8192):
-        """Yield ``(features, labels)`` blocks without loading the whole store."""
-        if self._snapshot() is not None:
-            yield self.features, self.labels
-            return
-        with _open_h5(self.path) as f:
-            n = f["labels"].shape[0]
-            for i in range(0, n, rows):
-                yield (read_rows(f["features"], self.path, "features", i, i + rows),
-                       read_rows(f["labels"], self.path, "labels", i, i + rows))
 
     # --- integrity
     def verify(self) -> tuple[int, bool, list[tuple[int, int]]]:
