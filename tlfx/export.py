@@ -232,11 +232,17 @@ def import_features(path: str, out: str, overwrite: bool = False, part_rows: int
     name = os.path.basename(path)
     sha = _sha256(path)
     want = [c for c in ("id", "label", VECTOR) if c in cols]
-    blocks, max_label = [], -1
+    max_label = -1
     attrs = {**store_attrs_base(), "backbone": f"imported:{name}", "dtype": "float32", "dataset": f"imported:{name}",
              "split": "all", "data_root": "", "limit": 0, "dataset_fingerprint": sha, "n_items": n, "part_size": part_rows}
-    # labels are checked against the class names before anything is written; the rows are then streamed into parts
-    for batch in pf.iter_batches(batch_size=part_rows, columns=[c for c in ("label",) if c in cols] or [VECTOR]):
+    # every row is checked (labels, vector lengths, NaN) before anything is written: a refused file leaves no store
+    dim, start = None, 0
+    for batch in pf.iter_batches(batch_size=part_rows, columns=[c for c in ("label", VECTOR) if c in cols]):
+        vec = _vectors(batch.column(VECTOR), path, start)
+        if dim is not None and vec.shape[1] != dim:
+            raise TlfxError(f"parquet {path!r}: ragged column {VECTOR!r}: rows from {start} have {vec.shape[1]} "
+                            f"values, earlier rows {dim}; every vector must have the same length")
+        dim = vec.shape[1]
         if "label" in cols:
             lab = batch.column("label")
             if not pa.types.is_integer(lab.type) or lab.null_count:
@@ -246,6 +252,7 @@ def import_features(path: str, out: str, overwrite: bool = False, part_rows: int
                 if arr.min() < -1:
                     raise TlfxError(f"parquet {path!r}: label {int(arr.min())} is below -1 (-1 = unlabelled)")
                 max_label = max(max_label, int(arr.max()))
+        start += batch.num_rows
     if names is None:
         names = [str(i) for i in range(max_label + 1)]
     if max_label >= len(names):
@@ -256,10 +263,6 @@ def import_features(path: str, out: str, overwrite: bool = False, part_rows: int
         for batch in pf.iter_batches(batch_size=part_rows, columns=want):
             k = batch.num_rows
             vec = _vectors(batch.column(VECTOR), path, start)
-            if blocks and vec.shape[1] != blocks[0]:
-                raise TlfxError(f"parquet {path!r}: ragged column {VECTOR!r}: rows from {start} have {vec.shape[1]} "
-                                f"values, earlier rows {blocks[0]}; every vector must have the same length")
-            blocks = [vec.shape[1]]
             ids = ([str(x) for x in batch.column("id").to_pylist()] if "id" in cols
                    else [str(i) for i in range(start, start + k)])
             labels = batch.column("label").to_numpy() if "label" in cols else np.full(k, -1, np.int64)

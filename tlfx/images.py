@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import stat
@@ -94,7 +95,9 @@ def open_image(path, target: int | None = None) -> Image.Image:
     with warnings.catch_warnings():
         warnings.simplefilter("error", Image.DecompressionBombWarning)
         try:
-            with open_regular(path) as fp, Image.open(fp) as img:
+            # a file-like object holds bytes already read safely (the report's gallery, read_under_root)
+            src = contextlib.nullcontext(path) if hasattr(path, "read") else open_regular(path)
+            with src as fp, Image.open(fp) as img:
                 if img.width * img.height > MAX_PIXELS:
                     raise BadImage(f"decompression bomb: {img.width}x{img.height} pixels")
                 if target and img.format == "JPEG":
