@@ -108,7 +108,7 @@ def _npy(store, out: str, _rows: int):
     with open(os.path.join(out, "ids.json"), "w", encoding="utf-8") as fh:
         json.dump(ids, fh, ensure_ascii=False)
     with open(os.path.join(out, "ids.txt"), "w", encoding="utf-8", newline="\n") as fh:
-        fh.writelines(json.dumps(i, ensure_ascii=False)[1:-1] + "\n" for i in ids)  # one per line, newlines escaped
+        fh.writelines(i + "\n" for i in ids)  # as they are; ids.json is exact even for an id with a line break
     with open(os.path.join(out, "meta.json"), "w", encoding="utf-8") as fh:
         json.dump(meta, fh, indent=2, ensure_ascii=False, default=str)
 

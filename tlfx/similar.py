@@ -89,6 +89,9 @@ def duplicates(store, threshold: float = 0.98, block_rows: int = BLOCK_ROWS) -> 
                 s = np.triu(s, k=1) + np.tril(np.full_like(s, -2.0))  # each pair once, never a row with itself
             ii, jj = np.nonzero(s >= threshold - 1e-6)
             total += len(ii)
+            if len(ii) > MAX_PAIRS:  # a low threshold: keep this block's most similar pairs only (bounded memory)
+                keep = np.argpartition(-s[ii, jj], MAX_PAIRS - 1)[:MAX_PAIRS]
+                ii, jj = ii[keep], jj[keep]
             found += [(float(s[i, j]), a + int(i), b + int(j)) for i, j in zip(ii, jj)]
             if len(found) > 2 * MAX_PAIRS:
                 found = sorted(found, key=lambda t: (-t[0], t[1], t[2]))[:MAX_PAIRS]
