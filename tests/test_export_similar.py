@@ -125,3 +125,14 @@ def test_similar_image_copy_first_duplicates_and_contact_sheet(folder_store, tmp
     assert [{p["id_a"], p["id_b"]} for p in pairs] == [{"<b>dog/2.png", "<b>dog/2-copy.png"}]
     page = html.read_text()
     assert page.count("data:image/png;base64,") == 2 and "&lt;b&gt;dog/2-copy.png" in page and "<b>" not in page
+
+
+def test_similar_table_escapes_control_characters_in_ids(tmp_path):
+    root = tmp_path / "imgs"
+    (root / "a").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for name in ("\x1b[31mred.png", "plain.png"):
+        Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / "a" / name)
+    path = tlfx.extract("pixels", f"imagefolder:{root}", str(tmp_path / "e.h5"), image_size=16).path
+    proc = run_cli("similar", path, "--id", "a/plain.png", check=True)
+    assert "\x1b" not in proc.stdout and "\\x1b[31mred.png" in proc.stdout
