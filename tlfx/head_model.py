@@ -65,9 +65,10 @@ class HeadModel(Model):
 
     # ------------------------------------------------------------------------------------------ files
     def save_members(self, z: zipfile.ZipFile):
-        import skops.io as sio
+        from .heads import check_loadable
 
-        z.writestr(HEAD_MEMBER, sio.dumps(self.estimator))
+        # a file that evaluate/predict would refuse is never written (tlfx fit and tlfx compare alike)
+        z.writestr(HEAD_MEMBER, check_loadable(self.estimator, self.meta.get("head") or ""))
 
     @classmethod
     def load(cls, z: zipfile.ZipFile, meta: dict, trust: Trust = Trust()) -> HeadModel:
