@@ -187,9 +187,11 @@ def _json_params(est) -> dict:
 def save_head(est, name: str, params: dict, store: FeatureStore, path: str, extra: dict | None = None) -> int:
     """Save a fitted head in the HeadModel file format; returns the file size in bytes."""
     from .head_model import HeadModel
+    from .heads import check_loadable
 
     model = HeadModel.from_estimator(est, head=name, params=params, config=store.config,
                                      class_names=store.class_names, extra=extra or {}, store=store)
+    check_loadable(est, name)  # as tlfx fit: a file that evaluate/predict would refuse is not written
     model.save(path)
     return os.path.getsize(path)
 
