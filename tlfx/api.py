@@ -59,6 +59,7 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
     cross-validation out through joblib's Ray backend (``address`` of a running cluster, or a local one).
     """
     from . import training
+    from .heads import check_loadable
 
     store = features if isinstance(features, FeatureStore) else FeatureStore(features, allow_incomplete=allow_incomplete)
     params = dict(params or {})
@@ -86,6 +87,7 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
                                             "fit_seconds": fit_seconds, "train_seconds": fit_seconds,
                                             "seed": seed, "tlfx_version": __version__})
     if out:
+        check_loadable(est, head)  # a file evaluate/predict would refuse is not written
         model.save(out)
         model.path = out
         if export_joblib:

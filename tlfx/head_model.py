@@ -65,10 +65,9 @@ class HeadModel(Model):
 
     # ------------------------------------------------------------------------------------------ files
     def save_members(self, z: zipfile.ZipFile):
-        from .heads import check_loadable
+        import skops.io as sio
 
-        # a file that evaluate/predict would refuse is never written (tlfx fit and tlfx compare alike)
-        z.writestr(HEAD_MEMBER, check_loadable(self.estimator, self.meta.get("head") or ""))
+        z.writestr(HEAD_MEMBER, sio.dumps(self.estimator))
 
     @classmethod
     def load(cls, z: zipfile.ZipFile, meta: dict, trust: Trust = Trust()) -> HeadModel:
