@@ -10,6 +10,7 @@ import click
 from . import __version__
 from .errors import TlfxError
 from .plugins import PLUGINS_DIR_ENV, get_plugin_manager
+from .safetext import terminal
 
 
 class PluginGroup(click.Group):
@@ -92,15 +93,16 @@ def main(argv=None):
         click.echo("interrupted; run the same command again to resume", err=True)
         sys.exit(130)
     except click.ClickException as exc:
-        click.echo(f"error: {exc.format_message()}" if isinstance(exc, TlfxError) else _click_line(exc), err=True)
+        line = f"error: {exc.format_message()}" if isinstance(exc, TlfxError) else _click_line(exc)
+        click.echo(terminal(line), err=True)  # values from files and names may hold control characters
         sys.exit(exc.exit_code)
     except click.exceptions.Exit as exc:
         sys.exit(exc.exit_code)
     except Exception as exc:
         if os.environ.get("TLFX_DEBUG") == "1":
             raise
-        click.echo(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
-                   f"(set TLFX_DEBUG=1 for the traceback)", err=True)
+        click.echo(terminal(f"error: {type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''} "
+                            f"(set TLFX_DEBUG=1 for the traceback)"), err=True)
         sys.exit(1)
     sys.exit(0)
 
