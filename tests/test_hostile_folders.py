@@ -273,7 +273,7 @@ _X = ["extract", "--backbone", "pixels", "--data", "digits", "--out", "x.h5"]
 _FIT = ["fit", "--features", "no.h5", "--out", "m.tlfx", "--head"]
 
 
-@pytest.mark.parametrize("args, needle", [
+_OPTION_CASES = [
     pytest.param([*_X, "--image-size", "0"], "'--image-size': 0 is not in the range 16<=x<=2048", id="size-0"),
     pytest.param([*_X, "--image-size", "-1"], "'--image-size': -1 is not in the range", id="size-negative"),
     pytest.param([*_X, "--image-size", "100000"], "'--image-size': 100000 is not in the range", id="size-huge"),
@@ -301,7 +301,13 @@ _FIT = ["fit", "--features", "no.h5", "--out", "m.tlfx", "--head"]
     pytest.param([*_FIT, "random_forest", "--param", "min_samples_leaf=1.5"], "min_samples_leaf must be > 0 and < 1",
                  id="rf-leaf-float"),
     pytest.param([*_FIT, "random_forest", "--param", "n_estimators=0"], "n_estimators must be >= 1", id="rf-trees"),
-])
+]
+# each case starts the CLI (seconds of imports): a few in the fast lane, every one in the slow lane
+_FAST_CASES = {"size-0", "limit-float", "layers-empty", "fit-seed", "linear-epochs", "logistic-C"}
+
+
+@pytest.mark.parametrize("args, needle", [
+    c if c.id in _FAST_CASES else pytest.param(*c.values, id=c.id, marks=pytest.mark.slow) for c in _OPTION_CASES])
 def test_out_of_range_option_values_are_one_line_exit_2_before_any_work(tmp_path, args, needle):
     """Each used to be silently replaced (--image-size 0 became 224), an empty store (-1), a 60 GB allocation
     (100000), a crash deep in numpy (--seed -1) or a head that trains nothing (epochs=-1)."""
