@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
-# compared everywhere; ``precision`` is recorded but only compared when resuming a store (bf16 and fp32 features
-# of one network agree to 0.01 accuracy points, docs/performance.md)
-COMPARED = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess")
+# compared everywhere; ``precision`` is recorded but only compared exactly when resuming a store (bf16 and fp32
+# features of one network agree to 0.01 accuracy points, docs/performance.md). INT8 is another network (quantized
+# weights and activations), and OpenVINO computes differently from torch: both always count as differences.
+COMPARED = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess", "runtime")
 
 
 @dataclass(frozen=True)
@@ -25,6 +26,7 @@ class FeatureConfig:
     image_size: int | None = None
     preprocess: dict | None = None
     precision: str | None = None
+    runtime: str | None = None  # torch or openvino; None (records older than the OpenVINO runtime) means torch
 
     @classmethod
     def from_dict(cls, d: dict | None) -> FeatureConfig:
@@ -39,6 +41,7 @@ class FeatureConfig:
             image_size=d.get("image_size"),
             preprocess=dict(d["preprocess"]) if isinstance(d.get("preprocess"), dict) else None,
             precision=d.get("precision"),
+            runtime=d.get("runtime"),
         )
 
     def to_dict(self) -> dict:
@@ -47,6 +50,9 @@ class FeatureConfig:
         d["layers"] = list(self.layers)
         return d
 
+    def _value(self, key: str):
+        return (self.runtime or "torch") if key == "runtime" else getattr(self, key)
+
     @staticmethod
     def _same(key: str, a, b) -> bool:
         if key == "weights":  # the file's content decides; where it lies does not
@@ -54,14 +60,26 @@ class FeatureConfig:
             if a.get("sha256") or b.get("sha256"):
                 return a.get("sha256") == b.get("sha256")
             return a.get("name") == b.get("name")
+        if key == "runtime":
+            return (a or "torch") == (b or "torch")
+        if key == "int8":
+            return (a == "int8") == (b == "int8")
         return a == b
 
     def diff(self, other: FeatureConfig, names=("model", "store"), precision: bool = False) -> list[str]:
         """Readable differences from ``other`` (empty when they agree): ``["image_size: model 64 vs store 96"]``."""
-        keys = (*COMPARED, "precision") if precision else COMPARED
         left, right = (f"{n} " if n else "" for n in names)
-        return [f"{k}: {left}{_show(getattr(self, k))} vs {right}{_show(getattr(other, k))}"
-                for k in keys if not self._same(k, getattr(self, k), getattr(other, k))]
+        out = [f"{k}: {left}{_show(self._value(k))} vs {right}{_show(other._value(k))}"
+               for k in COMPARED if not self._same(k, getattr(self, k), getattr(other, k))]
+        if not self._same("precision" if precision else "int8", self.precision, other.precision):
+            out.append(f"precision: {left}{_show(self.precision)} vs {right}{_show(other.precision)}")
+        return out
+
+
+def runtime_differences(a: dict | None, b: dict | None, names=("model", "store")) -> list[str]:
+    """Only the runtime and INT8-vs-float differences of two configuration dicts (for key-by-key checkers)."""
+    diffs = FeatureConfig.from_dict(a).diff(FeatureConfig.from_dict(b), names)
+    return [d for d in diffs if d.startswith(("runtime:", "precision:"))]
 
 
 def _show(v) -> str:

@@ -128,10 +128,13 @@ class FeatureComputer:
     """
 
     def __init__(self, backbone: Backbone, layers="penultimate", pooling="avg", image_size=None,
-                 precision="auto", device=None, compile=False, fold_batchnorm=True):
+                 precision="auto", device=None, compile=False, fold_batchnorm=True, runtime="torch", calibration=None):
+        from .openvino_runtime import resolve_runtime
+
         self.backbone = backbone
         self.device = pick_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.runtime = resolve_runtime(runtime, self.device, precision)
+        self.precision = "int8" if precision == "int8" else resolve_precision(precision, self.device)
         if self.device.type == "cpu":
             tune_allocator()
         self.pre = backbone.preprocess.with_image_size(image_size)
@@ -152,9 +155,40 @@ class FeatureComputer:
         mean, std = torch.tensor(self.pre.mean), torch.tensor(self.pre.std)
         self.scale = (1.0 / (255.0 * std)).to(self.device)
         self.bias = (-mean / std).to(self.device)
+        self.calibration = None
+        self._openvino = self._build_openvino(pooling, calibration) if self.runtime == "openvino" else None
+
+    def _build_openvino(self, pooling, calibration):
+        """The converted (cached) OpenVINO model of ``self.model``; ``calibration``: the dataset for INT8, or None."""
+        from . import openvino_runtime as ovr
+
+        with torch.inference_mode():
+            dim = int(self.model(torch.zeros((1, 3, self.pre.crop, self.pre.crop))).shape[1])
+        config = {"layers": list(self.layers), "pooling": pooling, "preprocess": self.pre.to_dict()}
+        calibrate = None
+        if self.precision == "int8":
+            config["calibration"] = {"items": ovr.CALIBRATION_ITEMS, "seed": ovr.CALIBRATION_SEED}
+            if calibration is not None:
+                calibrate = functools.partial(self._calibration_batches, calibration)
+        ov = ovr.OpenVINOFeatures(self.model, self.scale, self.bias, self.pre.crop, dim, self.precision, config,
+                                  calibrate, threads=torch.get_num_threads())
+        self.calibration = ov.calibration
+        return ov
+
+    def _calibration_batches(self, ds: ImageDataset):
+        """A seeded sample of the dataset's images (not its first ones: folders are sorted by class), decoded."""
+        from . import openvino_runtime as ovr
+
+        n = min(ovr.CALIBRATION_ITEMS, len(ds))
+        idx = sorted(np.random.default_rng(ovr.CALIBRATION_SEED).choice(len(ds), n, replace=False).tolist())
+        batches = [arr.numpy() for _i, _g, arr, _b in self.loader(ds, idx, 32, workers=0) if arr is not None]
+        return batches, {"items": sum(len(b) for b in batches), "seed": ovr.CALIBRATION_SEED, "dataset": ds.spec,
+                         "split": ds.split or "all", "dataset_fingerprint": ds.fingerprint()}
 
     def __call__(self, batch_uint8_nhwc: torch.Tensor) -> np.ndarray:
         """Features (float32 ``[N, D]``) of a uint8 ``[N, H, W, 3]`` batch already resized and cropped."""
+        if self._openvino is not None:
+            return self._openvino(batch_uint8_nhwc)
         n = len(batch_uint8_nhwc)
         x = batch_uint8_nhwc.to(self.device, non_blocking=True).float()
         if self.compiled:
@@ -273,12 +307,15 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDa
             layers="penultimate", pooling: str = "avg", image_size: int | None = None, weights: str | None = None,
             batch_size: int = 64, workers: int | None = None, precision: str = "auto", device: str | None = None,
             dtype: str = "float32", part_size: int | None = None, overwrite: bool = False, strict: bool = False,
-            compile: bool = False, progress: bool = False) -> ExtractResult:
+            compile: bool = False, progress: bool = False, runtime: str = "torch") -> ExtractResult:
     """Run a frozen backbone over a dataset once and write an HDF5 FeatureStore at ``out``.
 
     >>> tlfx.extract("efficientnet_lite0", "fashion-mnist", "t.h5", split="test", limit=2000)
 
     Resumes an incomplete store made with the same configuration; refuses a different one unless ``overwrite``.
+    ``runtime``: ``torch`` (the API's default, as before), ``openvino``, or ``auto`` (the CLI's default: OpenVINO on
+    a CPU when it is installed, else torch);
+    ``precision="int8"`` quantizes with NNCF on a seeded sample of this dataset (OpenVINO only).
     """
     if dtype not in DTYPES:
         raise TlfxError(f"unknown dtype {dtype!r}; valid choices: {', '.join(DTYPES)}")
@@ -286,10 +323,13 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDa
         raise TlfxError(f"--batch-size must be at least 1, got {batch_size}")
     ds = data if isinstance(data, ImageDataset) else load_dataset(data, split=split, root=root, limit=limit)
     bb = backbone if isinstance(backbone, Backbone) else create_backbone(backbone, weights)
-    computer = FeatureComputer(bb, layers, pooling, image_size, precision, device, compile)
+    computer = FeatureComputer(bb, layers, pooling, image_size, precision, device, compile, runtime=runtime,
+                               calibration=ds)
     part_size = part_size or max(batch_size, (2048 // batch_size) * batch_size)
-    attrs = store_attributes(ds, bb.config(computer.layers, pooling, image_size), computer.precision, dtype, root,
-                             limit, part_size)
+    config = {**bb.config(computer.layers, pooling, image_size), "runtime": computer.runtime}
+    if computer.calibration:
+        config["calibration"] = computer.calibration
+    attrs = store_attributes(ds, config, computer.precision, dtype, root, limit, part_size)
     t0 = time.perf_counter()
     with StoreWriter(out, attrs, overwrite=overwrite) as writer:
         if writer.already_complete:
@@ -299,7 +339,8 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDa
         n_done, n_skipped, dim = _run(computer, ds, writer, start, part_size, batch_size, workers, strict, progress)
         seconds = time.perf_counter() - t0
         stats = {"seconds": seconds, "images_per_s": n_done / seconds if seconds else 0.0,
-                 "device": str(computer.device), "resumed_from": start, "torch": torch.__version__}
+                 "device": str(computer.device), "resumed_from": start, "torch": torch.__version__,
+                 "openvino_cached": bool(computer._openvino and computer._openvino.cached)}
         writer.finalize(stats)
     from .store import FeatureStore
 

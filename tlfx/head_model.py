@@ -20,7 +20,7 @@ from .models import Model, register_model_kind
 
 HEAD_MEMBER = "head.skops"
 # the part of a store's configuration that decides what features mean (what a model needs to run again)
-MODEL_CONFIG_KEYS = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess", "precision")
+MODEL_CONFIG_KEYS = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess", "precision", "runtime")
 # scikit-learn types the heads use that skops does not trust by default, but rebuilds from plain arrays only
 EXTRA_TRUSTED = ("sklearn.tree._tree.Tree",)
 
@@ -160,10 +160,15 @@ def build_computer(config: dict, device=None):
                         f"the model was trained with ({w.get('name')}, sha256 {want[:16] or 'none'}, recorded path "
                         f"{w.get('path') or '-'}); place that weights file there and run again")
     precision = config.get("precision") or "auto"
+    runtime = config.get("runtime") or "torch"  # the same runtime the features were made with (never mixed)
+    if runtime == "openvino" and device in (None, "auto"):
+        device = "cpu"
     try:
         return FeatureComputer(bb, config.get("layers") or "penultimate", config.get("pooling") or "avg",
-                               config.get("image_size"), precision, device)
+                               config.get("image_size"), precision, device, runtime=runtime)
     except TlfxError:  # e.g. a bf16 model on a machine without bf16: same weights, fp32 is the safe choice
+        if precision == "int8" or runtime != "torch":  # another precision would silently be another network
+            raise
         return FeatureComputer(bb, config.get("layers") or "penultimate", config.get("pooling") or "avg",
                                config.get("image_size"), "fp32", device)
 

@@ -127,8 +127,11 @@ def config_differences(a: dict, b: dict, keys=FEATURE_CONFIG_KEYS, names=("model
     def show(v):
         return v.get("name") if isinstance(v, dict) and "sha256" in v else v
 
+    from .config import runtime_differences
+
     left, right = (f"{n} " if n else "" for n in names)
-    return "; ".join(f"{k}: {left}{show(a.get(k))} vs {right}{show(b.get(k))}" for k in keys if a.get(k) != b.get(k))
+    parts = [f"{k}: {left}{show(a.get(k))} vs {right}{show(b.get(k))}" for k in keys if a.get(k) != b.get(k)]
+    return "; ".join(parts + runtime_differences(a, b, names))  # torch vs OpenVINO, INT8 vs float: never mixed
 
 
 def check_config(model_config: dict, store_config: dict, what: str):

@@ -25,8 +25,8 @@ from .errors import TlfxError
 
 FORMAT_VERSION = 1
 CONFIG_KEYS = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess", "precision", "dtype",
-               "dataset", "split", "dataset_fingerprint")
-JSON_ATTRS = ("weights", "layers", "preprocess", "class_names", "stats")
+               "dataset", "split", "dataset_fingerprint", "runtime")
+JSON_ATTRS = ("weights", "layers", "preprocess", "class_names", "stats", "calibration")
 _PART_RE = re.compile(r"^part-(\d{10})-(\d{10})\.h5$")
 STR = h5py.string_dtype("utf-8")
 
@@ -168,7 +168,8 @@ def _get_attrs(f) -> dict:
 
 
 def config_of(attrs: dict) -> dict:
-    return {k: attrs.get(k) for k in CONFIG_KEYS}
+    # stores made before the OpenVINO runtime existed were all made with torch
+    return {k: attrs.get(k, "torch" if k == "runtime" else None) for k in CONFIG_KEYS}
 
 
 def config_diff(a: dict, b: dict) -> list[str]:

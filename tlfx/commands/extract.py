@@ -1,12 +1,12 @@
 import click
 
-from ._options import backbone_options, data_options, runtime_options
+from ._options import backbone_options, data_options, extraction_runtime_option
 
 
 @click.command()
 @backbone_options
 @data_options
-@runtime_options
+@extraction_runtime_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HDF5 store to write (or resume).")
 @click.option("--batch-size", type=int, default=64, show_default=True)
 @click.option("--workers", type=int, default=None, help="Decoding worker processes (default: cores - 1).")
@@ -22,7 +22,7 @@ from ._options import backbone_options, data_options, runtime_options
 @click.option("--address", default=None, metavar="ADDR", help="Ray cluster to join (auto, HOST:PORT); default: a local one.")
 @click.option("--num-workers", type=int, default=None, metavar="N", help="Ray actors (default: as many as fit).")
 @click.option("--gpus-per-worker", type=float, default=None, metavar="G", help="GPUs per Ray actor (default 0: CPU).")
-def extract(backbone, layers, pooling, image_size, weights, data, split, root, limit, precision, device, out,
+def extract(backbone, layers, pooling, image_size, weights, data, split, root, limit, runtime, precision, device, out,
             batch_size, workers, dtype, part_size, overwrite, strict, compile_, quiet, engine, address, num_workers,
             gpus_per_worker):
     """Run a frozen backbone once over a dataset and cache its features in an HDF5 store.
@@ -33,16 +33,21 @@ def extract(backbone, layers, pooling, image_size, weights, data, split, root, l
     Examples:
       tlfx extract --data fashion-mnist --split test --limit 2000 --out t.h5
       tlfx extract --backbone resnet18 --data imagefolder:photos --layers multi --out photos.h5
+      tlfx extract --data imagefolder:photos --runtime openvino --precision int8 --out photos-int8.h5
       tlfx extract --backbone vgg16 --weights vgg16.pth --data csv:labels.csv --split train --out tr.h5
       tlfx extract --data imagefolder:/shared/photos --out /shared/p.h5 --engine ray --address auto --gpus-per-worker 1
     """
     from ..engines import extract_with
+    from ..errors import TlfxError
+
+    if engine == "ray" and (runtime == "openvino" or precision == "int8"):
+        raise TlfxError("--engine ray runs torch; drop --runtime openvino / --precision int8 or use --engine local")
 
     res = extract_with(engine, backbone=backbone, data=data, out=out, split=split, root=root, limit=limit, layers=layers,
                        pooling=pooling, image_size=image_size, weights=weights, batch_size=batch_size, workers=workers,
                        precision=precision, device=device, dtype=dtype, part_size=part_size, overwrite=overwrite,
                        strict=strict, compile=compile_, progress=not quiet, address=address, num_workers=num_workers,
-                       gpus_per_worker=gpus_per_worker)
+                       gpus_per_worker=gpus_per_worker, **({"runtime": runtime} if engine == "local" else {}))
     click.echo(res.summary())
 
 
