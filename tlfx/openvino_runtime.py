@@ -78,16 +78,19 @@ def cache_root() -> str:
     return os.path.join(base, "openvino")
 
 
-def versions() -> dict:
+def versions(int8: bool) -> dict:
+    """OpenVINO's version, and NNCF's for INT8 (from its metadata: importing nncf takes seconds)."""
     import openvino
 
-    try:
-        import nncf
+    out = {"openvino": openvino.__version__}
+    if int8:
+        from importlib.metadata import PackageNotFoundError, version
 
-        nncf_version = nncf.__version__
-    except Exception:
-        nncf_version = None
-    return {"openvino": openvino.__version__, "nncf": nncf_version}
+        try:
+            out["nncf"] = version("nncf")
+        except PackageNotFoundError:
+            out["nncf"] = None
+    return out
 
 
 def network_hash(module: nn.Module) -> str:
@@ -116,7 +119,8 @@ class _Uint8Input(nn.Module):
 
 
 def cache_key(net_hash: str, config: dict) -> str:
-    record = {"format": CACHE_FORMAT, "network": net_hash, "batch": BATCH_POLICY, **versions(), **config}
+    record = {"format": CACHE_FORMAT, "network": net_hash, "batch": BATCH_POLICY,
+              **versions(bool(config.get("quantized"))), **config}
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
