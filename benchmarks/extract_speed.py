@@ -122,6 +122,7 @@ def stage_model(backbone: str, root: str, n: int, batch_size: int, runtime: str 
     from tlfx.datasets import load_dataset
     from tlfx.extract import FeatureComputer
 
+    torch.manual_seed(0)  # random-weight backbones: the same network in every stage (and one OpenVINO cache entry)
     bb = tlfx.create_backbone(backbone, WEIGHTS[backbone])
     ds = load_dataset(f"imagefolder:{root}", limit=n)
     t_build = time.perf_counter()  # OpenVINO: conversion (+ INT8 calibration) on a cold cache, a cache read after
@@ -159,9 +160,12 @@ def stage_model(backbone: str, root: str, n: int, batch_size: int, runtime: str 
 
 def stage_tlfx(backbone: str, root: str, out: str, batch_size: int, workers: int | None, runtime: str = "torch",
                precision: str = "auto") -> dict:
+    import torch
+
     import tlfx
     from tlfx.extract import extract
 
+    torch.manual_seed(0)
     bb = tlfx.create_backbone(backbone, WEIGHTS[backbone])
     t0, c0 = time.perf_counter(), _cpu_seconds()
     res = extract(bb, f"imagefolder:{root}", out, overwrite=True, batch_size=batch_size, workers=workers,
