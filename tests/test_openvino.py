@@ -149,6 +149,18 @@ def test_int8_features_keep_fp32_accuracy_on_fashion_mnist(cache_dir, tmp_path):
         scores[precision] = 100 * cross_val_score(clf, X, y, cv=5).mean()
     assert abs(scores["int8"] - scores["fp32"]) <= 0.5, scores
 
+    # predict rebuilds the INT8 network from the cache; without it there is nothing to calibrate on: one line
+    model = tmp_path / "int8.tlfx"
+    run_cli("fit", "--features", tmp_path / "int8.h5", "--head", "logistic", "--out", model, check=True)
+    from PIL import Image
+
+    img = tmp_path / "x.png"
+    Image.fromarray(np.full((28, 28), 200, np.uint8), "L").save(img)
+    assert run_cli("predict", "--model", model, img).returncode == 0
+    proc = run_cli("predict", "--model", model, img, env={"TLFX_CACHE_DIR": str(tmp_path / "empty-cache")})
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "INT8" in lines[0] and "--precision int8" in lines[0], lines
+
 
 def test_predict_rebuilds_the_openvino_runtime_the_model_was_fitted_on(cache_dir, tmp_path):
     from PIL import Image

@@ -234,7 +234,8 @@ class OpenVINOFeatures:
             if entry is None:
                 model, self.calibration = self._build(wrapped, crop, dim, calibrate, record)
             else:
-                model, self.calibration = entry[0], entry[1].get("calibration_source")
+                source = entry[1].get("calibration_source")
+                model, self.calibration = entry[0], (source if isinstance(source, dict) else None)
                 stats["cache_hits"] += 1
         core = ov.Core()
         cfg = {"PERFORMANCE_HINT": "LATENCY", "NUM_STREAMS": "1"}
