@@ -33,6 +33,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -114,17 +115,29 @@ def stage_naive(backbone: str, root: str, batch_size: int, workers: int) -> dict
     return {"n": n, "seconds": time.perf_counter() - t0, "cpu_s": _cpu_seconds() - c0}
 
 
-def stage_model(backbone: str, root: str, n: int, batch_size: int) -> dict:
+def stage_model(backbone: str, root: str, n: int, batch_size: int, runtime: str = "torch", precision: str = "auto") -> dict:
     import torch
 
     import tlfx
     from tlfx.datasets import load_dataset
     from tlfx.extraction import FeatureComputer
 
+    torch.manual_seed(0)  # random-weight backbones: the same network in every stage (and one OpenVINO cache entry)
     bb = tlfx.create_backbone(backbone, WEIGHTS[backbone])
-    computer = FeatureComputer(bb)
     ds = load_dataset(f"imagefolder:{root}", limit=n)
+    t_build = time.perf_counter()  # OpenVINO: conversion (+ INT8 calibration) on a cold cache, a cache read after
+    computer = FeatureComputer(bb, precision=precision, device="cpu" if runtime == "openvino" else None,
+                               runtime=runtime, calibration=ds if precision == "int8" else None)
+    build_s = time.perf_counter() - t_build
     batches = [arr for _i, _g, arr, _b in computer.loader(ds, range(len(ds)), batch_size, workers=0)]
+    if runtime == "openvino":
+        ov = computer._openvino
+        ov(batches[0])  # warm-up
+        t0, c0 = time.perf_counter(), _cpu_seconds()
+        for arr in batches:
+            ov(arr)
+        return {"n": sum(len(b) for b in batches), "seconds": time.perf_counter() - t0, "cpu_s": _cpu_seconds() - c0,
+                "precision": computer.precision, "build_s": build_s, "cached": ov.cached}
     # pre-made network inputs: normalised float32, channels_last, exactly what FeatureComputer feeds the network
     inputs = []
     for arr in batches:
@@ -145,13 +158,18 @@ def stage_model(backbone: str, root: str, n: int, batch_size: int) -> dict:
             "precision": computer.precision}
 
 
-def stage_tlfx(backbone: str, root: str, out: str, batch_size: int, workers: int | None) -> dict:
+def stage_tlfx(backbone: str, root: str, out: str, batch_size: int, workers: int | None, runtime: str = "torch",
+               precision: str = "auto") -> dict:
+    import torch
+
     import tlfx
     from tlfx.extraction import extract
 
+    torch.manual_seed(0)
     bb = tlfx.create_backbone(backbone, WEIGHTS[backbone])
     t0, c0 = time.perf_counter(), _cpu_seconds()
-    res = extract(bb, f"imagefolder:{root}", out, overwrite=True, batch_size=batch_size, workers=workers)
+    res = extract(bb, f"imagefolder:{root}", out, overwrite=True, batch_size=batch_size, workers=workers,
+                  runtime=runtime, precision=precision, device="cpu" if runtime == "openvino" else None)
     return {"n": res.n + res.skipped, "seconds": time.perf_counter() - t0, "cpu_s": _cpu_seconds() - c0,
             "skipped": res.skipped}
 
@@ -277,7 +295,11 @@ def main(argv=None):
     print(f"# {info['cpu']}, {info['cores']} cores, bf16 flags {info['bf16_flags']}, torch {info['torch']}, "
           f"{info['date']}, load average {info['load_before']}", flush=True)
     folders = {s: make_folder(work, a.n, s) for s in sizes}
-    results: dict = {"machine": info, "n": a.n, "rows": [], "rss": [], "rss_size": a.rss_size, "accuracy": {}}
+    results: dict = {"machine": info, "n": a.n, "rows": [], "rss": [], "rss_size": a.rss_size, "accuracy": {},
+                     "openvino": []}
+    # a cold OpenVINO cache, so the first model-only run of each variant measures conversion / quantization
+    os.environ["TLFX_CACHE_DIR"] = os.path.join(work, "ov-cache")
+    shutil.rmtree(os.environ["TLFX_CACHE_DIR"], ignore_errors=True)
 
     for bb in backbones:
         runs: dict = {("model", 0): []}
@@ -305,6 +327,9 @@ def main(argv=None):
             save(results, a.json)
             print(f"  {bb} {size}px: naive {row['naive_img_s']:.1f}, model {row['model_img_s']:.1f}, "
                   f"tlfx {row['tlfx_img_s']:.1f} images/s (load {loadavg()})", flush=True)
+        if have_openvino():
+            results["openvino"] += openvino_rows(a, bb, folders, sizes, work, results["rows"])
+            save(results, a.json)
 
     rss_counts = [int(x) for x in a.rss.split(",") if x]
     for count in rss_counts:
@@ -322,10 +347,11 @@ def main(argv=None):
         else:
             spec, extra, what = f"imagefolder:{folders[sizes[0]]}", [], f"{sizes[0]} px JPEGs, 224 px input"
         paths = {}
-        for precision in ("auto", "fp32"):
+        for precision in ("auto", "fp32", *(("int8",) if have_openvino() else ())):
             paths[precision] = os.path.join(work, f"acc-{precision}.h5")
+            runtime = "openvino" if precision == "int8" else "torch"
             proc = subprocess.run([sys.executable, "-m", "tlfx.cli", "extract", "--data", spec, *extra, "--precision",
-                                   precision, "--out", paths[precision], "--overwrite", "--quiet"],
+                                   precision, "--runtime", runtime, "--out", paths[precision], "--overwrite", "--quiet"],
                                   capture_output=True, text=True, cwd=REPO)
             if proc.returncode != 0:
                 raise SystemExit(f"{precision} extract failed:\n{proc.stderr[-2000:]}")
@@ -334,6 +360,8 @@ def main(argv=None):
         st = FeatureStore(paths["auto"])
         results["accuracy"] = {"precision": st.attrs.get("precision"), "acc": cv_accuracy(paths["auto"]),
                                "fp32_acc": cv_accuracy(paths["fp32"]), "what": what, "n": len(st)}
+        if "int8" in paths:
+            results["accuracy"]["int8_acc"] = cv_accuracy(paths["int8"])
         save(results, a.json)
 
     results["machine"]["load_after"] = loadavg()
@@ -342,6 +370,40 @@ def main(argv=None):
     if tmp is not None:
         tmp.cleanup()
     return 0
+
+
+def have_openvino() -> bool:
+    try:
+        import openvino  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+OV_VARIANTS = (("openvino", "auto"), ("openvino", "int8"))  # auto: bf16 on CPUs with AVX512-BF16/AMX, else fp32
+
+
+def openvino_rows(a, bb: str, folders: dict, sizes: list, work: str, torch_rows: list) -> list[dict]:
+    """OpenVINO bf16/fp32 and INT8: model only (first run on a cold cache, then a timed warm one) and tlfx end to end."""
+    rows = []
+    for runtime, precision in OV_VARIANTS:
+        kw = {"backbone": bb, "runtime": runtime, "precision": precision}
+        first = run_stage("model", root=folders[sizes[0]], n=min(a.model_n, a.n), batch_size=a.batch_size, **kw)
+        models = [first] + [run_stage("model", root=folders[sizes[0]], n=min(a.model_n, a.n), batch_size=a.batch_size,
+                                      **kw) for _ in range(a.repeats)]
+        for size in sizes:
+            ours = [run_stage("tlfx", root=folders[size], out=os.path.join(work, f"{bb}-{size}-{precision}-ov.h5"),
+                              batch_size=a.batch_size, workers=a.workers, **kw) for _ in range(a.repeats)]
+            torch_row = next(r for r in torch_rows if r["backbone"] == bb and r["source_px"] == size)
+            model, best = max(models[1:], key=rate), max(ours, key=rate)
+            row = {"backbone": bb, "source_px": size, "precision": model["precision"], "model_img_s": rate(model),
+                   "tlfx_img_s": rate(best), "first_build_s": first["build_s"], "warm_build_s": models[-1]["build_s"],
+                   "vs_tlfx_torch": rate(best) / torch_row["tlfx_img_s"], "vs_naive": rate(best) / torch_row["naive_img_s"],
+                   "of_model": rate(best) / rate(model)}
+            rows.append(row)
+            print(f"  {bb} {size}px OpenVINO {row['precision']}: model {row['model_img_s']:.1f}, tlfx "
+                  f"{row['tlfx_img_s']:.1f} images/s, first build {row['first_build_s']:.1f} s", flush=True)
+    return rows
 
 
 def save(results: dict, path: str | None):
@@ -386,6 +448,16 @@ def print_table(res: dict):
         if len(res["rss"]) > 1:
             ratio = res["rss"][-1]["peak_rss_mb"] / res["rss"][0]["peak_rss_mb"]
             print(f"peak RSS ratio {res['rss'][-1]['n']} / {res['rss'][0]['n']}: {ratio:.2f} (target <= 1.2)")
+    if res.get("openvino"):
+        print()
+        print("| backbone | source | OpenVINO precision | model only | tlfx.extract | x tlfx torch | x naive | of model | "
+              "first-run conversion | cached build |")
+        print("|---|---|---|---|---|---|---|---|---|---|")
+        for r in res["openvino"]:
+            print(f"| {r['backbone']} | {r['source_px']} px JPEG | {r['precision']} | {r['model_img_s']:.1f} "
+                  f"| {r['tlfx_img_s']:.1f} | {r['vs_tlfx_torch']:.2f} | {r['vs_naive']:.2f} | {r['of_model']:.2f} "
+                  f"| {r['first_build_s']:.1f} s | {r['warm_build_s']:.1f} s |")
+        print("(targets, resnet18, best runtime: x tlfx torch >= 2, x naive >= 6; of model >= 0.85)")
     acc = res.get("accuracy")
     if acc:
         d = abs(acc["acc"] - acc["fp32_acc"])
@@ -393,6 +465,9 @@ def print_table(res: dict):
         print(f"logistic regression (standardised, 5-fold CV) on efficientnet_lite0 features of {acc['n']} "
               f"Fashion-MNIST images ({acc.get('what', '')}): {acc['precision']} {acc['acc']:.2f}%, fp32 "
               f"{acc['fp32_acc']:.2f}%, {d:.2f} points apart (target <= 0.3)")
+        if "int8_acc" in acc:
+            print(f"OpenVINO INT8 {acc['int8_acc']:.2f}%, {abs(acc['int8_acc'] - acc['fp32_acc']):.2f} points from "
+                  f"torch fp32 (target <= 0.3)")
 
 
 if __name__ == "__main__":

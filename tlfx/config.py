@@ -9,9 +9,10 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, fields
 
-# what must agree between a model and its inputs; ``precision`` is recorded but only compared when resuming a
-# store (bf16 and fp32 features of one network agree to 0.01 accuracy points, docs/performance.md)
-COMPARED = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess")
+# what must agree between a model and its inputs. ``precision`` is recorded but only compared exactly when resuming
+# a store (bf16 and fp32 features of one network agree to 0.01 accuracy points, docs/performance.md); INT8 is
+# another network (quantized weights and activations) and always counts, as does OpenVINO vs torch.
+COMPARED = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess", "runtime")
 RESUME = (*COMPARED, "precision")
 
 
@@ -26,6 +27,7 @@ class FeatureConfig:
     image_size: int | None = None
     preprocess: dict | None = None
     precision: str | None = None
+    runtime: str | None = None  # torch or openvino; None (records older than the OpenVINO runtime) means torch
 
     @classmethod
     def from_dict(cls, d: dict | None) -> FeatureConfig:
@@ -40,6 +42,7 @@ class FeatureConfig:
             image_size=d.get("image_size"),
             preprocess=dict(d["preprocess"]) if isinstance(d.get("preprocess"), dict) else None,
             precision=d.get("precision"),
+            runtime=d.get("runtime"),
         )
 
     def to_dict(self) -> dict:
@@ -48,19 +51,29 @@ class FeatureConfig:
         d["layers"] = list(self.layers)
         return d
 
+    def _value(self, key: str):
+        return (self.runtime or "torch") if key == "runtime" else getattr(self, key)
+
     @staticmethod
     def _same(key: str, a, b) -> bool:
         if key == "weights":  # the file's name and content decide; where it lies does not
             a, b = a or {}, b or {}
             return (a.get("name"), a.get("sha256") or "") == (b.get("name"), b.get("sha256") or "")
+        if key == "runtime":
+            return (a or "torch") == (b or "torch")
+        if key == "int8":
+            return (a == "int8") == (b == "int8")
         return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
 
     def diff(self, other: FeatureConfig, names=("model", "store"), keys=COMPARED) -> list[str]:
-        """Readable differences from ``other`` on ``keys`` (empty when they agree):
+        """Readable differences from ``other`` on ``keys`` (empty when they agree), INT8 vs float always:
         ``["image_size: model 64 vs store 96"]``."""
         left, right = (f"{n} " if n else "" for n in names)
-        return [f"{k}: {left}{_show(getattr(self, k))} vs {right}{_show(getattr(other, k))}"
-                for k in keys if not self._same(k, getattr(self, k), getattr(other, k))]
+        out = [f"{k}: {left}{_show(self._value(k))} vs {right}{_show(other._value(k))}"
+               for k in keys if k != "precision" and not self._same(k, getattr(self, k), getattr(other, k))]
+        if not self._same("precision" if "precision" in keys else "int8", self.precision, other.precision):
+            out.append(f"precision: {left}{_show(self.precision)} vs {right}{_show(other.precision)}")
+        return out
 
 
 def _show(v) -> str:
@@ -77,6 +90,7 @@ FIELDS = tuple(f.name for f in fields(FeatureConfig))
 
 DTYPES = ("float32", "float16")
 POOLINGS = ("avg", "max")
+RUNTIMES = ("auto", "torch", "openvino")
 IMAGE_SIZES = (16, 2048)  # --image-size: smaller leaves no feature map; larger needs tens of GB per batch
 
 
@@ -102,6 +116,7 @@ class ExtractOptions:
     batch_size: int = 64
     workers: int | None = None
     precision: str = "auto"
+    runtime: str = "torch"  # the Python API's default; the command line's is auto (OpenVINO on a CPU when installed)
     device: str | None = None
     dtype: str = "float32"
     part_size: int | None = None
@@ -116,6 +131,8 @@ class ExtractOptions:
 
         if self.dtype not in DTYPES:
             raise TlfxError(f"unknown dtype {self.dtype!r}; valid choices: {', '.join(DTYPES)}")
+        if self.runtime not in RUNTIMES:
+            raise TlfxError(f"unknown runtime {self.runtime!r}; valid choices: {', '.join(RUNTIMES)}")
         if self.pooling not in POOLINGS:
             raise TlfxError(f"unknown pooling {self.pooling!r}; valid choices: {', '.join(POOLINGS)}")
         if self.batch_size < 1:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import queue
 import threading
@@ -37,10 +38,13 @@ class FeatureComputer:
     """
 
     def __init__(self, backbone: Backbone, layers="penultimate", pooling="avg", image_size=None,
-                 precision="auto", device=None, compile=False, fold_batchnorm=True):
+                 precision="auto", device=None, compile=False, fold_batchnorm=True, runtime="torch", calibration=None):
+        from .openvino_runtime import resolve_runtime
+
         self.backbone = backbone
         self.device = pick_device(device)
-        self.precision = resolve_precision(precision, self.device)
+        self.runtime = resolve_runtime(runtime, self.device, precision)
+        self.precision = "int8" if precision == "int8" else resolve_precision(precision, self.device)
         if self.device.type == "cpu":
             tune_allocator()
         self.pre = backbone.preprocess.with_image_size(image_size)
@@ -59,6 +63,35 @@ class FeatureComputer:
         self._compiled_batch = 0
         self.normalize = Normalizer(self.pre, self.device)
         self.scale, self.bias = self.normalize.scale, self.normalize.bias  # x * scale + bias (benchmarks use them)
+        self.calibration = None
+        self._openvino = self._build_openvino(pooling, calibration) if self.runtime == "openvino" else None
+
+    def _build_openvino(self, pooling, calibration):
+        """The converted (cached) OpenVINO model of ``self.model``; ``calibration``: the dataset for INT8, or None."""
+        from . import openvino_runtime as ovr
+
+        with torch.inference_mode():
+            dim = int(self.model(torch.zeros((1, 3, self.pre.crop, self.pre.crop))).shape[1])
+        config = {"layers": list(self.layers), "pooling": pooling, "preprocess": self.pre.to_dict()}
+        calibrate = None
+        if self.precision == "int8":
+            config["calibration"] = {"items": ovr.CALIBRATION_ITEMS, "seed": ovr.CALIBRATION_SEED}
+            if calibration is not None:
+                calibrate = functools.partial(self._calibration_batches, calibration)
+        ov = ovr.OpenVINOFeatures(self.model, self.scale, self.bias, self.pre.crop, dim, self.precision, config,
+                                  calibrate, threads=torch.get_num_threads())
+        self.calibration = ov.calibration
+        return ov
+
+    def _calibration_batches(self, ds: ImageDataset):
+        """A seeded sample of the dataset's images (not its first ones: folders are sorted by class), decoded."""
+        from . import openvino_runtime as ovr
+
+        n = min(ovr.CALIBRATION_ITEMS, len(ds))
+        idx = sorted(np.random.default_rng(ovr.CALIBRATION_SEED).choice(len(ds), n, replace=False).tolist())
+        batches = [arr.numpy() for _i, _g, arr, _b in self.loader(ds, idx, 32, workers=0) if arr is not None]
+        return batches, {"items": sum(len(b) for b in batches), "seed": ovr.CALIBRATION_SEED, "dataset": ds.spec,
+                         "split": ds.split or "all", "dataset_fingerprint": ds.fingerprint()}
 
     @classmethod
     def from_config(cls, config: dict, device=None) -> FeatureComputer:
@@ -92,13 +125,20 @@ class FeatureComputer:
         check_config(config, bb.config(layers, pooling, size), f"backbone {name!r} as installed here",
                      "install the backbone (plugin) version the model was made with, or fit the head again on its features")
         precision = config.get("precision") or "auto"
+        runtime = config.get("runtime") or "torch"  # the same runtime the features were made with (never mixed)
+        if runtime == "openvino" and device in (None, "auto"):
+            device = "cpu"
         try:
-            return cls(bb, layers, pooling, size, precision, device)
+            return cls(bb, layers, pooling, size, precision, device, runtime=runtime)
         except TlfxError:  # e.g. a bf16 model on a machine without bf16: same weights, fp32 is the safe choice
+            if precision == "int8" or runtime != "torch":  # another precision would silently be another network
+                raise
             return cls(bb, layers, pooling, size, "fp32", device)
 
     def __call__(self, batch_uint8_nhwc: torch.Tensor) -> np.ndarray:
         """Features (float32 ``[N, D]``) of a uint8 ``[N, H, W, 3]`` batch already resized and cropped."""
+        if self._openvino is not None:
+            return self._openvino(batch_uint8_nhwc)
         n = len(batch_uint8_nhwc)
         rows = 0
         if self.compiled:  # a short last batch is padded: another shape would cost a whole new compilation
@@ -225,10 +265,13 @@ def run_extraction(opts: ExtractOptions) -> ExtractResult:
         raise TlfxError(f"cannot use '{terminal(i)}': {terminal(reason)} (--strict; {len(listing_skips)} found while "
                         f"listing the dataset); fix or remove it, then run again")
     bb = o.backbone if isinstance(o.backbone, Backbone) else create_backbone(o.backbone, o.weights)
-    computer = FeatureComputer(bb, o.layers, o.pooling, o.image_size, o.precision, o.device, o.compile)
+    computer = FeatureComputer(bb, o.layers, o.pooling, o.image_size, o.precision, o.device, o.compile,
+                               runtime=o.runtime, calibration=ds)
     part_size = o.part_size or max(o.batch_size, (2048 // o.batch_size) * o.batch_size)
-    attrs = store_attributes(ds, bb.config(computer.layers, o.pooling, o.image_size), computer.precision, o.dtype,
-                             o.root, o.limit, part_size)
+    config = {**bb.config(computer.layers, o.pooling, o.image_size), "runtime": computer.runtime}
+    if computer.calibration:
+        config["calibration"] = computer.calibration
+    attrs = store_attributes(ds, config, computer.precision, o.dtype, o.root, o.limit, part_size)
     t0 = time.perf_counter()
     with StoreWriter(o.out, attrs, overwrite=o.overwrite) as writer:
         if writer.already_complete:
@@ -239,7 +282,8 @@ def run_extraction(opts: ExtractOptions) -> ExtractResult:
                                       o.progress)
         seconds = time.perf_counter() - t0
         stats = {"seconds": seconds, "images_per_s": n_done / seconds if seconds else 0.0,
-                 "device": str(computer.device), "resumed_from": start, "torch": torch.__version__}
+                 "device": str(computer.device), "resumed_from": start, "torch": torch.__version__,
+                 "openvino_cached": bool(computer._openvino and computer._openvino.cached)}
         writer.finalize(stats)
     from .store import FeatureStore
 

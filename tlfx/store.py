@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 # a resumed store must agree with the run that continues it on the features' configuration and on its source
 SOURCE_KEYS = ("dtype", "dataset", "split", "dataset_fingerprint")
 CONFIG_KEYS = (*RESUME, *SOURCE_KEYS)
-JSON_ATTRS = ("weights", "layers", "preprocess", "class_names", "stats")
+JSON_ATTRS = ("weights", "layers", "preprocess", "class_names", "stats", "calibration")
 _PART_RE = re.compile(r"^part-(\d{10})-(\d{10})\.h5$")
 STR = h5py.string_dtype("utf-8")
 _UMASK = os.umask(0o022)  # read once at import (single-threaded): temporaries get the mode a plain open() would give
@@ -286,7 +286,8 @@ _KIND_NAMES = {int: "an integer", bool: "true or false", str: "a string", dict: 
 
 
 def config_of(attrs: dict) -> dict:
-    return {k: attrs.get(k) for k in CONFIG_KEYS}
+    # stores made before the OpenVINO runtime existed were all made with torch
+    return {k: attrs.get(k, "torch" if k == "runtime" else None) for k in CONFIG_KEYS}
 
 
 def config_diff(existing: dict, new: dict) -> list[str]:

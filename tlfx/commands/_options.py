@@ -2,7 +2,7 @@
 
 import click
 
-from ..config import IMAGE_SIZES, POOLINGS
+from ..config import IMAGE_SIZES, POOLINGS, RUNTIMES
 
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")  # tlfx.runtime.PRECISIONS, without importing torch
 IMAGE_SIZE = click.IntRange(*IMAGE_SIZES)  # refused before any work starts
@@ -33,8 +33,18 @@ def backbone_options(f):
     return f
 
 
-def runtime_options(f):
+def runtime_options(f, int8: bool = False):
     f = click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda or cuda:N.")(f)
-    f = click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-                     help="auto: bf16 on CPUs with AMX/AVX512-BF16, fp16/bf16 on CUDA, else fp32.")(f)
+    f = click.option("--precision", type=click.Choice(PRECISIONS + (("int8",) if int8 else ())), default="auto",
+                     show_default=True,
+                     help="auto: bf16 on CPUs with AMX/AVX512-BF16, fp16/bf16 on CUDA, else fp32"
+                          + ("; int8: NNCF-quantized (OpenVINO runtime)." if int8 else "."))(f)
     return f
+
+
+def extraction_runtime_option(f):
+    """--runtime and an --precision that offers int8 (extraction only; fine-tuning stays torch)."""
+    f = runtime_options(f, int8=True)
+    return click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True, envvar="TLFX_RUNTIME",
+                        help="auto: OpenVINO on a CPU when installed (pip install 'tlfx[openvino]'), torch on CUDA "
+                             "or without it. Also TLFX_RUNTIME.")(f)

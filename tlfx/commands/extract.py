@@ -1,13 +1,13 @@
 import click
 
 from ..config import DTYPES, ExtractOptions
-from ._options import backbone_options, data_options, runtime_options
+from ._options import backbone_options, data_options, extraction_runtime_option
 
 
 @click.command()
 @backbone_options
 @data_options
-@runtime_options
+@extraction_runtime_option
 @click.option("--out", required=True, type=click.Path(dir_okay=False), help="The HDF5 store to write (or resume).")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Images per network call.")
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding worker processes (default: cores - 1).")
@@ -34,11 +34,17 @@ def extract(compile_, quiet, engine, address, num_workers, gpus_per_worker, **fi
     Examples:
       tlfx extract --data fashion-mnist --split test --limit 2000 --out t.h5
       tlfx extract --backbone resnet18 --data imagefolder:photos --layers multi --out photos.h5
+      tlfx extract --data imagefolder:photos --runtime openvino --precision int8 --out photos-int8.h5
       tlfx extract --backbone vgg16 --weights vgg16.pth --data csv:labels.csv --split train --out tr.h5
       tlfx extract --data imagefolder:/shared/photos --out /shared/p.h5 --engine ray --address auto --gpus-per-worker 1
     """
     from ..engines import extract_with
+    from ..errors import TlfxError
 
+    if engine == "ray":  # Ray workers run torch
+        if fields["runtime"] == "openvino" or fields["precision"] == "int8":
+            raise TlfxError("--engine ray runs torch; drop --runtime openvino / --precision int8 or use --engine local")
+        fields["runtime"] = "torch"
     opts = ExtractOptions(**fields, compile=compile_, progress=not quiet)
     res = extract_with(engine, opts, address=address, num_workers=num_workers, gpus_per_worker=gpus_per_worker)
     click.echo(res.summary())

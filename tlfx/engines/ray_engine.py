@@ -221,6 +221,8 @@ def run_ray(opts: ExtractOptions, *, address: str | None = None, num_workers: in
             gpus_per_worker: float = 0.0, max_restarts: int = 3, on_block=None) -> ExtractResult:
     """The Ray engine for an :class:`~tlfx.config.ExtractOptions` (see :func:`extract_ray`)."""
     opts.validate()
+    if opts.runtime == "openvino" or opts.precision == "int8":
+        raise TlfxError("--engine ray runs torch; drop --runtime openvino / --precision int8 or use --engine local")
     backbone, data, split, root, limit = opts.backbone, opts.data, opts.split, opts.root, opts.limit
     batch_size, workers, device, dtype = opts.batch_size, opts.workers, opts.device, opts.dtype
     part_size, overwrite, progress = opts.part_size, opts.overwrite, opts.progress
