@@ -10,6 +10,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
+# The command line's default runtime is auto (OpenVINO on a CPU when installed), which converts each new network
+# configuration once (tens of seconds here). Tests of everything else run torch; tests/test_openvino.py names the
+# runtime it tests.
+os.environ.setdefault("TLFX_RUNTIME", "torch")
+
 
 def fashion_test_split():
     """Fashion-MNIST's test split found by the dataset plugin's own lookup (``tlfx.load_dataset``), or None.

@@ -112,6 +112,7 @@ BLOCK = ("import sys, runpy; sys.modules['openvino'] = None; sys.argv = ['tlfx',
 def test_without_openvino_auto_falls_back_to_torch_and_openvino_is_one_line(tmp_path):
     common = ["extract", "--data", "digits", "--split", "test", "--limit", "16", "--image-size", "32", "--quiet"]
     env = {**os.environ, "TLFX_CACHE_DIR": str(tmp_path / "cache")}
+    env.pop("TLFX_RUNTIME", None)  # the command line's own default, auto
     run = [sys.executable, "-c", BLOCK]
     proc = subprocess.run([*run, *common, "--out", str(tmp_path / "a.h5")], capture_output=True, text=True, env=env,
                           timeout=600)
