@@ -10,8 +10,8 @@ from click.testing import CliRunner
 from tlfx_plugin_example import SHAPES, NearestClassMean, export_shapes, pca_logistic
 
 import tlfx
+from tlfx import extract
 from tlfx.errors import TlfxError
-from tlfx.extraction import extract
 from tlfx.testing import check_backbone, check_dataset, check_head, check_registration
 
 
