@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 import tlfx
-from tlfx.extract import FeatureComputer
+from tlfx.extraction import FeatureComputer
 
 smoke = "--cpu-smoke" in sys.argv or not torch.cuda.is_available()
 dev = torch.device("cpu" if smoke else "cuda")

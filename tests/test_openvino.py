@@ -14,7 +14,7 @@ ov = pytest.importorskip("openvino", reason="OpenVINO not installed (pip install
 import tlfx  # noqa: E402
 from tlfx import openvino_runtime as ovr  # noqa: E402
 from tlfx.datasets import load_dataset  # noqa: E402
-from tlfx.extract import FeatureComputer  # noqa: E402
+from tlfx.extraction import FeatureComputer  # noqa: E402
 from tlfx.store import FeatureStore  # noqa: E402
 
 SIZE = 64

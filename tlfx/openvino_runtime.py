@@ -1,6 +1,6 @@
 """OpenVINO runtime for extraction: conversion, INT8 post-training quantization, an on-disk cache, the compiled model.
 
-The module converted is the one that already returns the pooled, concatenated features (``FeatureExtractor`` with
+The module converted is the one that already returns the pooled, concatenated features (``PooledLayers`` with
 its layer hooks), wrapped so that it takes the uint8 NHWC batch tlfx's decoder produces and normalises it itself:
 the OpenVINO model's output is exactly the chosen layers, in the same order, so ``--layers multi`` and pooling
 work as with torch. The batch dimension is dynamic, so one conversion serves every batch size.
