@@ -14,6 +14,7 @@ from sklearn.datasets import make_blobs
 from sklearn.linear_model import LogisticRegression
 
 import tlfx
+from tlfx.config import FeatureConfig
 from tlfx.errors import TlfxError
 from tlfx.head_model import HeadModel
 from tlfx.heads import create_head, first_party_heads, param_grid, parse_params, parse_value
@@ -89,7 +90,7 @@ def test_heads_learn_and_roundtrip_through_a_safe_model_file(tmp_path, blobs, na
     with zipfile.ZipFile(path) as z:
         assert sorted(z.namelist()) == ["head.skops", "meta.json"]
         meta = json.loads(z.read("meta.json"))
-    assert meta["kind"] == "head" and meta["head"] == name and meta["config"] == CONFIG
+    assert meta["kind"] == "head" and meta["head"] == name and meta["config"] == FeatureConfig.from_dict(CONFIG).to_dict()
     back = tlfx.load_model(path)
     assert isinstance(back, HeadModel) and back.class_names == ["a", "b", "c", "d"]
     np.testing.assert_allclose(back.predict_proba_features(X[200:]), est.predict_proba(X[200:]), rtol=1e-6)
