@@ -121,11 +121,12 @@ class FeatureComputer:
                             f"the model was trained with ({w.get('name')}, sha256 {want[:16] or 'none'}, recorded path "
                             f"{w.get('path') or '-'}); place that weights file there and run again")
         layers, pooling, size = config.get("layers") or "penultimate", config.get("pooling") or "avg", config.get("image_size")
-        # the same check evaluate makes against a store: the backbone as rebuilt here must make the same features
-        check_config(config, bb.config(layers, pooling, size), f"backbone {name!r} as installed here",
-                     "install the backbone (plugin) version the model was made with, or fit the head again on its features")
         precision = config.get("precision") or "auto"
         runtime = config.get("runtime") or "torch"  # the same runtime the features were made with (never mixed)
+        # the same check evaluate makes against a store: the backbone as rebuilt here must make the same features
+        rebuilt = {**bb.config(layers, pooling, size), "runtime": runtime, "precision": precision}
+        check_config(config, rebuilt, f"backbone {name!r} as installed here",
+                     "install the backbone (plugin) version the model was made with, or fit the head again on its features")
         if runtime == "openvino" and device in (None, "auto"):
             device = "cpu"
         try:
