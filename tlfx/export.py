@@ -8,7 +8,6 @@ Data files hold the values as they are (they are data, not text for a terminal).
 from __future__ import annotations
 
 import csv
-import hashlib
 import json
 import os
 import shutil
@@ -18,6 +17,7 @@ import numpy as np
 
 from .errors import TlfxError
 from .safetext import terminal
+from .weights import sha256_of
 
 FORMATS = ("npy", "parquet", "csv")
 VECTOR = "vector"  # the parquet column of feature vectors
@@ -230,7 +230,7 @@ def import_features(path: str, out: str, overwrite: bool = False, part_rows: int
     names = _class_names(meta, path)
     n = pf.metadata.num_rows
     name = os.path.basename(path)
-    sha = _sha256(path)
+    sha = sha256_of(path)
     want = [c for c in ("id", "label", VECTOR) if c in cols]
     max_label = -1
     attrs = {**store_attrs_base(), "backbone": f"imported:{name}", "dtype": "float32", "dataset": f"imported:{name}",
@@ -272,9 +272,3 @@ def import_features(path: str, out: str, overwrite: bool = False, part_rows: int
     return n
 
 
-def _sha256(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()

@@ -30,6 +30,7 @@ from torch import nn
 
 from .config import RUNTIMES
 from .errors import TlfxError
+from .weights import sha256_of
 
 CACHE_FORMAT = 1
 BATCH_POLICY = "dynamic-batch"
@@ -124,14 +125,6 @@ def cache_key(net_hash: str, config: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def _sha256_file(path: str) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
-
-
 def _read_entry(folder: str, dim: int):
     """``(ov.Model, record)`` cached in ``folder`` if its manifest, file hashes and output width check out, else None."""
     import openvino as ov
@@ -145,7 +138,7 @@ def _read_entry(folder: str, dim: int):
         files, record = meta["files"], meta["record"]
         for name in ("model.xml", "model.bin"):
             path = os.path.join(folder, name)
-            if os.path.islink(path) or not os.path.isfile(path) or _sha256_file(path) != files[name]:
+            if os.path.islink(path) or not os.path.isfile(path) or sha256_of(path) != files[name]:
                 return None
         model = ov.Core().read_model(os.path.join(folder, "model.xml"))
         if len(model.outputs) != 1 or model.output(0).get_partial_shape()[1].get_length() != dim:
@@ -164,7 +157,7 @@ def _write_entry(folder: str, model, record: dict) -> None:
     tmp = tempfile.mkdtemp(prefix=".tmp-", dir=parent)
     try:
         ov.save_model(model, os.path.join(tmp, "model.xml"), compress_to_fp16=False)
-        files = {n: _sha256_file(os.path.join(tmp, n)) for n in ("model.xml", "model.bin")}
+        files = {n: sha256_of(os.path.join(tmp, n)) for n in ("model.xml", "model.bin")}
         with open(os.path.join(tmp, "manifest.json"), "w") as f:
             json.dump({"files": files, "record": record}, f, sort_keys=True, default=str)
         for name in ("model.xml", "model.bin", "manifest.json"):

@@ -41,15 +41,21 @@ class WeightsInfo:
 _SHA_CACHE: dict[tuple, str] = {}
 
 
+def sha256_of(path: str) -> str:
+    """The sha256 of a file's content, read now (integrity checks)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
 def file_sha256(path: str) -> str:
+    """The sha256 of a weights file, remembered per (path, size, mtime) for this process."""
     st = os.stat(path)
     key = (os.path.abspath(path), st.st_size, st.st_mtime_ns)
     if key not in _SHA_CACHE:
-        h = hashlib.sha256()
-        with open(path, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-        _SHA_CACHE[key] = h.hexdigest()
+        _SHA_CACHE[key] = sha256_of(path)
     return _SHA_CACHE[key]
 
 OFFLINE_ENV = "TLFX_OFFLINE"
