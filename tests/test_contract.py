@@ -47,7 +47,8 @@ def backbone_cases():
         name = ARGUMENT_EXAMPLES.get(e.name, e.name) if e.meta.get("takes_argument") else e.name
         marks = [] if name in FAST_BACKBONES else [pytest.mark.slow]
         if e.name == "hf-hub":  # the architecture itself comes from the hub repo's config.json
-            marks.append(pytest.mark.skip(reason="hf-hub:<org>/<repo> needs a hub (tests/test_weights.py serves one)"))
+            marks.append(pytest.mark.skip(reason="hf-hub:<org>/<repo> reads its architecture from a hub repo; its "
+                                                 "download path is the timm one that tests/test_weights.py serves"))
         cases.append(pytest.param(name, marks=marks, id=name))
     return cases
 
