@@ -278,7 +278,7 @@ def run_ray(opts: ExtractOptions, *, address: str | None = None, num_workers: in
         info = _check_workers(infos, ds)
         n = len(actors)
 
-        attrs = store_attributes(ds, info["config"], info["precision"], dtype, root, limit, part_size)
+        attrs = store_attributes(ds, {**info["config"], "runtime": "torch"}, info["precision"], dtype, root, limit, part_size)
         t0 = time.perf_counter()
         with StoreWriter(out, attrs, overwrite=overwrite) as writer:
             if writer.already_complete:
