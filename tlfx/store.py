@@ -49,8 +49,8 @@ _KINDS = {
     "format_version": int, "image_size": int, "n_items": int, "n": int, "dim": int, "limit": int, "part_size": int,
     "complete": bool,
     "tlfx_version": str, "backbone": str, "pooling": str, "precision": str, "dtype": str, "dataset": str, "split": str,
-    "data_root": str, "dataset_fingerprint": str, "created": str,
-    "weights": dict, "preprocess": dict, "stats": dict, "layers": list, "class_names": list,
+    "data_root": str, "dataset_fingerprint": str, "created": str, "runtime": str,
+    "weights": dict, "preprocess": dict, "stats": dict, "layers": list, "class_names": list, "calibration": dict,
 }
 
 
