@@ -28,10 +28,12 @@ class FileServer:
     sends half the body and closes the connection (a download cut off). ``hub=True`` answers like the Hugging Face
     hub: X-Repo-Commit and an ETag that is the file's sha256 (as for LFS files), 404 with X-Error-Code
     EntryNotFound for other files (huggingface_hub/file_download.py: get_hf_file_metadata reads these headers).
+    ``status=503`` answers every request with that status (a mirror that is down).
     """
 
-    def __init__(self, files: dict[str, bytes], cut=False, hub=False, etags=None):
+    def __init__(self, files: dict[str, bytes], cut=False, hub=False, etags=None, status=None):
         self.files, self.cut, self.hub, self.etags, self.requests = files, cut, hub, etags or {}, []
+        self.status = status
         server = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -46,6 +48,11 @@ class FileServer:
 
             def _answer(self, body):
                 server.requests.append((self.command, self.path))
+                if server.status:
+                    self.send_response(server.status)
+                    self.send_header("Content-Length", "0")
+                    self.end_headers()
+                    return
                 data = server.files.get(self.path.split("?")[0])
                 if data is None:
                     self.send_response(404)
@@ -283,6 +290,18 @@ def test_timm_cut_download_and_closed_port_leave_nothing(tmp_path):
                 env={"HF_HOME": str(hf), "HF_ENDPOINT": f"http://127.0.0.1:{closed_port()}"})
     line = one_error_line(p)
     assert "nothing was kept" in line and not (hf / "hub" / "models--timm--test_vit.r160_in1k").exists()
+
+
+def test_timm_mirror_down_is_asked_once_per_file_name(tmp_path):
+    # huggingface_hub on its own retries a failing metadata request five times with back-off (a minute per file
+    # name); tlfx asks once per request, so a mirror that is down is reported in seconds
+    hf = tmp_path / "hf"
+    with FileServer({}, hub=True, status=503) as srv:
+        p = run_cli("weights", "fetch", "timm:test_vit", env={"HF_HOME": str(hf), "HF_ENDPOINT": srv.url})
+    line = one_error_line(p)
+    assert "timm:test_vit" in line and "nothing was kept" in line
+    asked = [r for r in srv.requests if "/resolve/" in r[1]]  # timm tries model.safetensors, then pytorch_model.bin
+    assert 1 <= len(asked) <= 4, srv.requests
 
 
 def test_timm_wrong_hash_leaves_nothing(tmp_path):

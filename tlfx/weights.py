@@ -61,7 +61,7 @@ def file_sha256(path: str) -> str:
 OFFLINE_ENV = "TLFX_OFFLINE"
 MIRROR_ENV = "TLFX_WEIGHTS_URL"
 TIMEOUT_S = 15
-HF_TIMEOUT_S = 6  # per request; timm may ask for two file names before giving up, so 2 x 6 s stays under 15 s
+HF_TIMEOUT_S = 3  # per metadata request, one attempt; timm asks for up to two file names: 2 x (3 + 3) s < 15 s
 _HASH_IN_NAME = re.compile(r"-([a-f0-9]+)\.")  # torchvision's file-name convention: name-<sha256 prefix>.pth
 _forced = threading.local()
 
@@ -235,7 +235,41 @@ def _sync_hf_constants(offline_now: bool):
         constants.HUGGINGFACE_CO_URL_TEMPLATE = endpoint + "/{repo_id}/resolve/{revision}/{filename}"
     constants.HF_HUB_OFFLINE = offline_now
     constants.HF_HUB_ETAG_TIMEOUT = min(constants.HF_HUB_ETAG_TIMEOUT, HF_TIMEOUT_S)
-    constants.HF_HUB_DOWNLOAD_TIMEOUT = min(constants.HF_HUB_DOWNLOAD_TIMEOUT, HF_TIMEOUT_S)
+    constants.HF_HUB_DOWNLOAD_TIMEOUT = min(constants.HF_HUB_DOWNLOAD_TIMEOUT, TIMEOUT_S)
+
+
+def _hf_no_metadata_retries():
+    """huggingface_hub retries a failed metadata request (HEAD) five times with back-off and a 60 s timeout when
+    nothing is cached: a minute per file name before an unreachable host is reported. Bound it to one attempt of
+    :data:`HF_TIMEOUT_S` while tlfx downloads (an interrupted file download still resumes as huggingface_hub does).
+    Returns the function that undoes it; private names that a later huggingface_hub lacks are left alone."""
+    import functools
+
+    undo = []
+    try:
+        from huggingface_hub import file_download
+        from huggingface_hub.utils import _http
+    except ImportError:
+        return lambda: None
+    if isinstance(getattr(file_download, "_ETAG_RETRY_TIMEOUT", None), (int, float)):
+        undo.append((file_download, "_ETAG_RETRY_TIMEOUT", file_download._ETAG_RETRY_TIMEOUT))
+        file_download._ETAG_RETRY_TIMEOUT = min(file_download._ETAG_RETRY_TIMEOUT, HF_TIMEOUT_S)
+    backoff = getattr(_http, "http_backoff", None)
+    if callable(backoff) and not getattr(backoff, "_tlfx_bounded", False):
+        @functools.wraps(backoff)
+        def bounded(*args, **kwargs):
+            kwargs["max_retries"] = 0
+            return backoff(*args, **kwargs)
+
+        bounded._tlfx_bounded = True
+        undo.append((_http, "http_backoff", backoff))
+        _http.http_backoff = bounded
+
+    def restore():
+        for module, name, value in reversed(undo):
+            setattr(module, name, value)
+
+    return restore
 
 
 @contextlib.contextmanager
@@ -253,9 +287,11 @@ def hf_network(allowed: bool):
     log.setLevel(logging.ERROR)  # its per-retry warnings would bury tlfx's one line
     if not sys.stderr.isatty():
         disable_progress_bars()  # a progress bar on a terminal only
+    undo = _hf_no_metadata_retries()
     try:
         yield
     finally:
+        undo()
         constants.HF_HUB_OFFLINE = saved
         log.setLevel(level)
         if not bars_off:
