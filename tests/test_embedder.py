@@ -137,8 +137,6 @@ def test_embedder_in_pipeline_cross_val_score(files, store):
     # the same folds on the features tlfx extract wrote give the same scores
     on_store = cross_val_score(tlfx.create_head("svm", kernel="linear"), FeatureStore(store).features, y, cv=2)
     np.testing.assert_array_equal(scores, on_store)
-    pipe.fit(paths, y)
-    assert list(pipe.predict(paths[:3])) == list(y[:3])
 
 
 def test_embedder_cache_reuses_store_rows(embedder, files, tmp_path):
