@@ -150,6 +150,10 @@ def test_evaluate_accepts_a_finetune_model(ft, tmp_path):
     st = tlfx.extract("efficientnet_lite0", "digits", str(tmp_path / "e.h5"), split="test", image_size=32, limit=30)
     rep = tlfx.evaluate(ft.out, st.path)
     assert rep["kind"] == "finetune" and 0.0 <= rep["accuracy"] <= 1.0
+    m = tlfx.load_model(ft.out)  # used like a fitted estimator: a store, not a feature array (it reads images)
+    assert m.score(st.path) == pytest.approx(rep["accuracy"]) and list(m.classes_) == list(range(10))
+    with pytest.raises(TlfxError, match="predicts from images, not from a feature array"):
+        m.predict(np.zeros((3, 1280), np.float32))
 
 
 def test_cli_predict_runs_a_finetune_model(ft, tmp_path):

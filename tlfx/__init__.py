@@ -27,6 +27,7 @@ _LAZY = {
     "predict": "api",
     "list_heads": "heads",
     "create_head": "heads",
+    "Embedder": "embedder",
 }
 
 __all__ = ["__version__", "hookimpl", "TlfxError", *_LAZY]

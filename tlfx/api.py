@@ -16,7 +16,7 @@ import numpy as np
 from . import __version__
 from .errors import TlfxError
 from .head_model import HeadModel
-from .models import Model, check_config
+from .models import Model
 from .models import load_model as _load_model
 from .store import FeatureStore
 
@@ -105,11 +105,7 @@ def evaluate(model, features, *, trust_types=(), trust_pickle: bool = False, all
 
     m = _as_model(model, trust_types, trust_pickle)
     store = features if isinstance(features, FeatureStore) else FeatureStore(features, allow_incomplete=allow_incomplete)
-    if getattr(m, "reads_features", True):  # a fine-tuned network reads the store's images, not its features
-        check_config(m.config, store.config, f"store {store.path!r}")
-    if m.class_names and store.class_names and m.class_names != store.class_names:
-        raise TlfxError(f"store {store.path!r} has classes {store.class_names[:5]}... but the model was trained on "
-                        f"{m.class_names[:5]}...; evaluate on a store of the same dataset")
+    m.check_store(store)  # the backbone configuration and the classes must be the model's
     t0 = time.perf_counter()
     proba = np.asarray(m.predict_proba_store(store))
     seconds = time.perf_counter() - t0

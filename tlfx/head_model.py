@@ -118,6 +118,12 @@ class HeadModel(Model):
     def predict_proba_features(self, X) -> np.ndarray:
         """Probabilities ``[n, len(class_names)]``; classes the head never saw in training get 0."""
         X = np.asarray(X)
+        d = self.meta.get("n_features")
+        if X.ndim != 2 or (isinstance(d, int) and X.shape[1] != d):
+            want = f"[n, {d}]" if isinstance(d, int) else "[n, d]"
+            raise TlfxError(f"features of shape {X.shape} given, but the head was trained on {want} features of "
+                            f"{self.config.get('backbone') or 'its backbone'}; pass features made with the model's "
+                            f"configuration (e.g. tlfx.Embedder) or a feature store")
         k = len(self.class_names)
         p = np.asarray(self.estimator.predict_proba(X), dtype=np.float64)
         classes = np.asarray(self.estimator.classes_).astype(np.int64)
@@ -126,6 +132,14 @@ class HeadModel(Model):
         out = np.zeros((len(X), max(k, int(classes.max()) + 1)), dtype=np.float64)
         out[:, classes] = p
         return out
+
+    @property
+    def classes_(self):
+        """Labels in the order of ``predict_proba``'s columns: ``0 .. len(class_names)-1`` (the head's own
+        ``classes_`` for a model that records no class names)."""
+        if self.class_names:
+            return np.arange(len(self.class_names))
+        return np.asarray(self.estimator.classes_)
 
     def predict_proba_store(self, store):
         return self.predict_proba_features(store.features)

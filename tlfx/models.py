@@ -115,6 +115,74 @@ class Model:
         """Returns ``(proba, ok_paths, [(path, reason) for unreadable files])``."""
         raise NotImplementedError
 
+    def predict_proba_features(self, X):
+        """Class probabilities for a feature array ``[n, d]``: only models that read features have them."""
+        raise TlfxError(f"a {self.kind!r} model predicts from images, not from a feature array; pass a feature store "
+                        f"(a path or FeatureStore) whose images it can read")
+
+    # ---------------------------------------------------------------------- used like a fitted estimator
+    @property
+    def classes_(self):
+        """The labels ``predict`` returns, in the order of ``predict_proba``'s columns: ``0 .. len(class_names)-1``
+        (``class_names[label]`` is the name), as in a store's ``/labels``."""
+        import numpy as np
+
+        return np.arange(len(self.class_names))
+
+    def check_store(self, store):
+        """Refuse a store made with another backbone configuration or holding other classes (what evaluate checks)."""
+        if getattr(self, "reads_features", True):  # a fine-tuned network reads the store's images, not its features
+            check_config(self.config, store.config, f"store {store.path!r}")
+        if self.class_names and store.class_names and self.class_names != store.class_names:
+            raise TlfxError(f"store {store.path!r} has classes {store.class_names[:5]}... but the model was trained on "
+                            f"{self.class_names[:5]}...; evaluate on a store of the same dataset")
+
+    def predict_proba(self, X):
+        """Class probabilities ``[n, len(classes_)]`` for ``X``: a feature array ``[n, d]``, or a feature store
+        (a path or :class:`~tlfx.store.FeatureStore`, checked like ``evaluate`` checks it)."""
+        import numpy as np
+
+        store = _as_store(X)
+        if store is None:
+            return np.asarray(self.predict_proba_features(X))
+        self.check_store(store)
+        return np.asarray(self.predict_proba_store(store))
+
+    def predict(self, X):
+        """The most probable label of each row of ``X`` (see :meth:`predict_proba`): an index into ``class_names``."""
+        proba = self.predict_proba(X)
+        return self.classes_[proba.argmax(axis=1)] if len(proba) else self.classes_[:0]
+
+    def score(self, X, y=None) -> float:
+        """Accuracy on ``X`` (features ``[n, d]`` or a store); ``y`` defaults to a store's labels. Rows labeled
+        -1 (unlabeled) are left out, as ``evaluate`` leaves them out."""
+        import numpy as np
+
+        store = _as_store(X)
+        if y is None:
+            if store is None:
+                raise TlfxError("score(X, y) needs the labels y for a feature array (only a store carries its own)")
+            y = store.labels
+        y = np.asarray(y)
+        pred = self.predict(store if store is not None else X)
+        if len(pred) != len(y):
+            raise TlfxError(f"score: X has {len(pred)} rows but y has {len(y)} labels")
+        keep = y >= 0
+        if not keep.any():
+            raise TlfxError("score: no labeled rows (every label is -1)")
+        return float(np.mean(pred[keep] == y[keep]))
+
+
+def _as_store(X):
+    """``X`` as a :class:`~tlfx.store.FeatureStore` when it is one or a path to one (complete), else None."""
+    from .store import FeatureStore
+
+    if isinstance(X, FeatureStore):
+        return X
+    if isinstance(X, (str, os.PathLike)):
+        return FeatureStore(os.fspath(X), allow_incomplete=False)
+    return None
+
 
 def write_atomically(path: str, write, what: str = "file") -> str:
     """Call ``write(binary file)`` on a new temporary file in ``path``'s folder, then rename it to ``path``.
