@@ -24,6 +24,7 @@ from .store import (
     StoreWriter,
     _fsync_dir,
     _open_h5,
+    _unlink_quietly,
     config_diff,
     config_of,
     covered_until,
@@ -64,6 +65,7 @@ def update_store(o, ds, computer: FeatureComputer, attrs: dict) -> ExtractResult
                             f"pass --overwrite instead to extract everything again")
         old = FeatureStore(o.out)
         if not diff:
+            _discard(o.out + SUFFIX)  # an update killed before the folder went back to how the store has it
             n = len(old)
             return ExtractResult(o.out, n, int(old_attrs.get("dim", 0)), len(old.skipped), 0.0, 0.0,
                                  already_complete=True, update=_counts(n, 0, 0, 0, 0))
@@ -106,6 +108,13 @@ def _since_ns(attrs: dict) -> int | None:
 
 def _counts(kept, added, dropped, changed, extracted) -> dict:
     return {"kept": kept, "added": added, "dropped": dropped, "changed": changed, "extracted": extracted}
+
+
+def _discard(tmp: str):
+    if os.path.exists(tmp) or os.path.isdir(parts_dir(tmp)):
+        with StoreLock(tmp):
+            _unlink_quietly(tmp)
+            shutil.rmtree(parts_dir(tmp), ignore_errors=True)
 
 
 def _resumable(tmp: str, attrs: dict) -> bool:
