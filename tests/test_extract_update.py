@@ -165,3 +165,16 @@ def test_a_killed_update_leaves_the_old_store_whole_and_the_same_command_finishe
     fresh = tmp_path / "fresh.h5"
     assert tlfx_cli(capsys, *BASE, "--data", f"imagefolder:{data}", "--out", fresh)[0] == 0
     assert_same_rows(out, fresh)
+
+
+def test_an_images_features_do_not_depend_on_its_batch(lite0):
+    """What --update relies on: a new image extracted alone gets the bits it gets among others (CPU, fp32)."""
+    import torch
+
+    from tlfx.extraction import FeatureComputer
+
+    computer = FeatureComputer(lite0, image_size=32, precision="fp32", device="cpu")
+    batch = torch.from_numpy(np.random.default_rng(0).integers(0, 256, (9, 32, 32, 3), dtype=np.uint8))
+    together = computer(batch)
+    for k in (1, 2, 5):
+        assert np.array_equal(computer(batch[:k]), together[:k]), k
