@@ -121,6 +121,7 @@ class ExtractOptions:
     dtype: str = "float32"
     part_size: int | None = None
     overwrite: bool = False
+    update: bool = False  # bring a complete store up to date with a changed image folder (tlfx.update)
     strict: bool = False
     compile: bool = False
     progress: bool = False
@@ -141,6 +142,8 @@ class ExtractOptions:
             raise TlfxError(f"--image-size must be {IMAGE_SIZES[0]} to {IMAGE_SIZES[1]} pixels, got {self.image_size}")
         if self.part_size is not None and self.part_size < 1:
             raise TlfxError(f"--part-size must be at least 1, got {self.part_size}")
+        if self.update and self.overwrite:
+            raise TlfxError("--update keeps the store's rows and --overwrite replaces them; pass one of the two")
         if self.workers is not None and self.workers < 0:
             raise TlfxError(f"--workers must be 0 or more, got {self.workers}")
         return self

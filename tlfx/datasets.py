@@ -30,6 +30,7 @@ class ImageDataset:
     spec: str = ""
     split: str | None = None
     root: str | None = None
+    stable_ids: bool = False  # ids name the same image from one listing to the next (files): ``extract --update``
 
     def __init__(self):
         self.ids: list[str] = []
@@ -94,6 +95,8 @@ class ArrayDataset(ImageDataset):
 
 class FileDataset(ImageDataset):
     """Image files on disk; ``ids`` are paths relative to ``root``."""
+
+    stable_ids = True
 
     def __init__(self, spec, split, root, rel_paths, labels, class_names):
         super().__init__()

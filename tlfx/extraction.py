@@ -145,6 +145,9 @@ class FeatureComputer:
         if self.compiled:  # a short last batch is padded: another shape would cost a whole new compilation
             rows = self._compiled_batch
             self._compiled_batch = max(self._compiled_batch, n)
+        # a batch of one runs other CPU kernels (features differ in the last bits); padded to two, an image's
+        # features do not depend on the batch it came in (extract --update relies on it, and predict agrees)
+        rows = max(rows, 2 if n == 1 else 0)
         x = self.normalize(batch_uint8_nhwc, rows)
         with torch.inference_mode(), autocast(self.device, self.precision):
             out = self._forward(x)
@@ -170,6 +173,8 @@ class ExtractResult:
     resumed_from: int = 0
     already_complete: bool = False
     skipped_examples: list = dataclasses.field(default_factory=list)  # a few (id, reason) from the store's /skipped
+    update: dict | None = None  # extract --update: rows kept, added, dropped, changed; images extracted
+
 
     @classmethod
     def of_complete_store(cls, path: str) -> ExtractResult:
@@ -180,11 +185,21 @@ class ExtractResult:
         return cls(path, len(st), int(st.attrs.get("dim", 0)), len(st.skipped), 0.0, 0.0, already_complete=True)
 
     def summary(self) -> str:
+        u = self.update
+        if u is not None and self.already_complete:
+            return (f"{terminal(self.path)} is up to date with its dataset: kept {u['kept']} rows, added 0, dropped 0; "
+                    f"nothing extracted")
         if self.already_complete:
             return f"{terminal(self.path)} is already complete ({self.n} images x {self.dim}); nothing to do"
         resumed = f", resumed at item {self.resumed_from}" if self.resumed_from else ""
-        lines = [f"extracted {self.n} images x {self.dim} features in {self.seconds:.1f} s "
-                 f"({self.images_per_s:.0f} images/s), {self.skipped} skipped{resumed} -> {terminal(self.path)}"]
+        if u is not None:
+            changed = f" ({u['changed']} of them changed files)" if u["changed"] else ""
+            lines = [f"updated {terminal(self.path)}: kept {u['kept']} rows, added {u['added']}, dropped {u['dropped']}"
+                     f"{changed}; extracted {u['extracted']} images x {self.dim} features in {self.seconds:.1f} s "
+                     f"({self.images_per_s:.0f} images/s), {self.skipped} skipped in all{resumed}"]
+        else:
+            lines = [f"extracted {self.n} images x {self.dim} features in {self.seconds:.1f} s "
+                     f"({self.images_per_s:.0f} images/s), {self.skipped} skipped{resumed} -> {terminal(self.path)}"]
         lines += [f"  skipped {terminal(i)}: {terminal(r)}" for i, r in self.skipped_examples[:SHOWN_SKIPS]]
         if self.skipped > SHOWN_SKIPS:
             lines.append(f"  ... and {self.skipped - SHOWN_SKIPS} more (tlfx info shows the store's /skipped)")
@@ -249,9 +264,9 @@ def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDa
     >>> tlfx.extract("efficientnet_lite0", "fashion-mnist", "t.h5", split="test", limit=2000)
 
     ``options`` are the fields of :class:`tlfx.config.ExtractOptions` (split, root, limit, layers, pooling,
-    image_size, weights, batch_size, workers, precision, device, dtype, part_size, overwrite, strict, compile,
-    progress). Resumes an incomplete store made with the same configuration; refuses a different one unless
-    ``overwrite``.
+    image_size, weights, batch_size, workers, precision, device, dtype, part_size, overwrite, update, strict,
+    compile, progress). Resumes an incomplete store made with the same configuration; refuses a different one unless
+    ``overwrite``. ``update=True`` brings a complete store of a changed image folder up to date (:mod:`tlfx.update`).
     """
     return run_extraction(ExtractOptions(backbone=backbone, data=data, out=out, **options))
 
@@ -261,6 +276,10 @@ def run_extraction(opts: ExtractOptions) -> ExtractResult:
     o = opts.validate()
     ds = o.data if isinstance(o.data, ImageDataset) else load_dataset(o.data, split=o.split, root=o.root, limit=o.limit)
     listing_skips = list(getattr(ds, "listing_skips", None) or [])
+    if o.update:
+        from .update import check_updatable
+
+        check_updatable(ds)
     if o.strict and listing_skips:
         i, reason = listing_skips[0]
         raise TlfxError(f"cannot use '{terminal(i)}': {terminal(reason)} (--strict; {len(listing_skips)} found while "
@@ -273,6 +292,12 @@ def run_extraction(opts: ExtractOptions) -> ExtractResult:
     if computer.calibration:
         config["calibration"] = computer.calibration
     attrs = store_attributes(ds, config, computer.precision, o.dtype, o.root, o.limit, part_size)
+    if o.update:
+        from .update import update_store
+
+        res = update_store(o, ds, computer, attrs)
+        if res is not None:  # None: no store there yet, or an unfinished one of this very dataset: extract as usual
+            return res
     t0 = time.perf_counter()
     with StoreWriter(o.out, attrs, overwrite=o.overwrite) as writer:
         if writer.already_complete:

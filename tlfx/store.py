@@ -49,7 +49,7 @@ _KINDS = {
     "format_version": int, "image_size": int, "n_items": int, "n": int, "dim": int, "limit": int, "part_size": int,
     "complete": bool,
     "tlfx_version": str, "backbone": str, "pooling": str, "precision": str, "dtype": str, "dataset": str, "split": str,
-    "data_root": str, "dataset_fingerprint": str, "created": str, "runtime": str,
+    "data_root": str, "dataset_fingerprint": str, "created": str, "runtime": str, "updated_from": str,
     "weights": dict, "preprocess": dict, "stats": dict, "layers": list, "class_names": list, "calibration": dict,
 }
 
@@ -392,6 +392,10 @@ class StoreWriter:
             except TlfxError:
                 raise TlfxError(f"{self.path!r} exists but is not a tlfx store; pass --overwrite to replace it") from None
             diff = config_diff(config_of(existing), config_of(self.attrs))
+            if diff and existing.get("complete") and all(d.startswith("dataset_fingerprint:") for d in diff):
+                raise TlfxError(f"{self.path!r} was made from another state of the dataset (its files changed: "
+                                f"{diff[0]}); pass --update to extract only the new files and drop the removed ones, "
+                                f"--overwrite to extract everything again, or choose another --out")
             if diff:
                 raise TlfxError(f"{self.path!r} was made with another configuration ({'; '.join(diff)}); "
                                 f"pass --overwrite to replace it, or choose another --out")

@@ -15,6 +15,8 @@ from ._options import backbone_options, data_options, extraction_runtime_option
               help="Stored feature type (compute precision is --precision).")
 @click.option("--part-size", type=click.IntRange(min=1), default=None, help="Items per durable part (default ~2048).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store made with another configuration.")
+@click.option("--update", is_flag=True, help="Bring a store of a changed image folder (or CSV) up to date: keep the "
+              "rows of files still there, drop removed ones, extract only new files.")
 @click.option("--strict", is_flag=True, help="Fail on the first unreadable image instead of skipping it.")
 @click.option("--compile", "compile_", is_flag=True, help="torch.compile the backbone (see docs/performance.md).")
 @click.option("--quiet", is_flag=True, help="No progress bar.")
@@ -28,13 +30,15 @@ from ._options import backbone_options, data_options, extraction_runtime_option
 def extract(compile_, quiet, engine, address, num_workers, gpus_per_worker, **fields):
     """Run a frozen backbone once over a dataset and cache its features in an HDF5 store.
 
-    An interrupted run resumes when the same command is run again.
+    An interrupted run resumes when the same command is run again. After files were added to or removed from
+    the folder, --update extracts only the new files and keeps every other row as it was.
 
     \b
     Examples:
       tlfx extract --data fashion-mnist --split test --limit 2000 --out t.h5
       tlfx extract --backbone resnet18 --data imagefolder:photos --layers multi --out photos.h5
       tlfx extract --data imagefolder:photos --runtime openvino --precision int8 --out photos-int8.h5
+      tlfx extract --backbone resnet18 --data imagefolder:photos --layers multi --out photos.h5 --update
       tlfx extract --backbone vgg16 --weights vgg16.pth --data csv:labels.csv --split train --out tr.h5
       tlfx extract --data imagefolder:/shared/photos --out /shared/p.h5 --engine ray --address auto --gpus-per-worker 1
     """

@@ -78,6 +78,8 @@ def extract_with(engine: str, opts, **ray_options):
     """
     engine = check_engine(engine)
     if engine == "ray":
+        if getattr(opts, "update", False):
+            raise TlfxError("--update runs on the local engine; drop --engine ray")
         require_ray()
         from .ray_engine import run_ray
 
