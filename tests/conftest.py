@@ -81,6 +81,37 @@ def run_cli(*args, env=None, cwd=None, check=False):
     return proc
 
 
+def cli_here(*args, env=None, cwd=None, check=False):
+    """Run the console entry point (``tlfx.cli.main``) in this process; returns what :func:`run_cli` returns.
+
+    A subprocess pays the imports of torch, torchvision and timm (seconds of CPU) on every call. Tests that need
+    no isolation (no signal, no hang guard, no plugin folder, no environment read at import) use this instead.
+    """
+    import contextlib
+    import io
+
+    from tlfx.cli import main
+
+    out, err = io.StringIO(), io.StringIO()
+    saved_env, saved_cwd, code = dict(os.environ), os.getcwd(), 0
+    try:
+        os.environ.update({k: str(v) for k, v in (env or {}).items()})
+        if cwd is not None:
+            os.chdir(cwd)
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                main([str(a) for a in args])
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else (0 if exc.code is None else 1)
+    finally:
+        os.chdir(saved_cwd)
+        os.environ.clear()
+        os.environ.update(saved_env)
+    if check and code != 0:
+        raise AssertionError(f"tlfx {' '.join(map(str, args))} failed ({code}):\n{err.getvalue()}")
+    return subprocess.CompletedProcess(["tlfx", *map(str, args)], code, out.getvalue(), err.getvalue())
+
+
 @pytest.fixture(scope="session")
 def lite0():
     import tlfx

@@ -9,7 +9,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli_here, run_cli
 from PIL import Image
 
 import tlfx
@@ -36,7 +36,7 @@ def report_run(digits_stores, tmp_path_factory):
     """One real compare run through the CLI: two heads, the pixels baseline, short learning curves."""
     tr, te = digits_stores
     out = tmp_path_factory.mktemp("compare") / "rep"
-    proc = run_cli("compare", "--train", tr, "--test", te, "--heads", HEADS, "--baseline", "pixels",
+    proc = cli_here("compare", "--train", tr, "--test", te, "--heads", HEADS, "--baseline", "pixels",
                    "--learning-curve", "1,5,all", "--bootstrap", "300", "--out", out)
     assert proc.returncode == 0, proc.stderr
     return out, proc
@@ -115,7 +115,7 @@ def test_model_file_row_matches_the_head_it_was_saved_from(report_run, digits_st
     out, _ = report_run
     tr, te = digits_stores
     model = out / "models" / "svm.tlfx"
-    proc = run_cli("compare", "--train", tr, "--test", te, "--heads", "knn", "--finetune", model,
+    proc = cli_here("compare", "--train", tr, "--test", te, "--heads", "knn", "--finetune", model,
                    "--learning-curve", "none", "--bootstrap", "100", "--quiet", "--out", tmp_path / "r")
     assert proc.returncode == 0, proc.stderr
     rep = json.loads((tmp_path / "r" / "report.json").read_text())
@@ -132,7 +132,7 @@ def test_model_file_row_matches_the_head_it_was_saved_from(report_run, digits_st
 
 def test_unknown_head_is_one_line_with_choices(digits_stores, tmp_path):
     tr, te = digits_stores
-    proc = run_cli("compare", "--train", tr, "--test", te, "--heads", "logistic,xgboostt", "--out", tmp_path / "r")
+    proc = cli_here("compare", "--train", tr, "--test", te, "--heads", "logistic,xgboostt", "--out", tmp_path / "r")
     assert proc.returncode == 2
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and "xgboostt" in lines[0] and "logistic" in lines[0] and "svm" in lines[0]
@@ -161,12 +161,12 @@ def test_bad_options_are_one_line(digits_stores, tmp_path, args, words, capsys, 
 def test_stores_from_other_backbone_configs_or_classes_are_refused(digits_stores, tmp_path, fashion_png_dir):
     tr, te = digits_stores
     px_te = tlfx.extract("pixels", "digits", str(tmp_path / "px_te.h5"), split="test", limit=40).path
-    proc = run_cli("compare", "--train", tr, "--test", px_te, "--heads", "knn", "--out", tmp_path / "r")
+    proc = cli_here("compare", "--train", tr, "--test", px_te, "--heads", "knn", "--out", tmp_path / "r")
     assert proc.returncode == 2
     assert "different backbone configurations" in proc.stderr and "efficientnet_lite0 vs pixels" in proc.stderr
     px_tr = tlfx.extract("pixels", "digits", str(tmp_path / "px_tr.h5"), split="train", limit=40).path
     px_other = tlfx.extract("pixels", f"imagefolder:{fashion_png_dir}", str(tmp_path / "px_f.h5")).path
-    proc = run_cli("compare", "--train", px_tr, "--test", px_other, "--heads", "knn", "--out", tmp_path / "r")
+    proc = cli_here("compare", "--train", px_tr, "--test", px_other, "--heads", "knn", "--out", tmp_path / "r")
     assert proc.returncode == 2 and "different class names" in proc.stderr
 
 
@@ -177,7 +177,7 @@ def test_incomplete_store_refused_unless_allowed(digits_stores, tmp_path):
     attrs = {k: v for k, v in full.attrs.items() if k not in ("complete", "n", "dim", "stats")}
     with StoreWriter(partial, attrs) as w:  # the real writer, stopped after its first part
         w.write_part(0, 300, full.features[:300], full.labels[:300], full.ids[:300], [])
-    proc = run_cli("compare", "--train", partial, "--test", te, "--heads", "knn", "--out", tmp_path / "r")
+    proc = cli_here("compare", "--train", partial, "--test", te, "--heads", "knn", "--out", tmp_path / "r")
     assert proc.returncode == 2 and "incomplete" in proc.stderr and "--allow-incomplete" in proc.stderr
     rep = compare(partial, te, ["knn"], str(tmp_path / "r"), allow_incomplete=True, learning_curve="none", n_boot=50)
     assert rep["data"]["train"]["n_labelled"] == 300 and rep["data"]["train"]["complete"] is False

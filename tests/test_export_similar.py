@@ -12,7 +12,7 @@ import pytest
 from PIL import Image
 
 import tlfx
-from tests.conftest import run_cli
+from tests.conftest import cli_here
 from tlfx.store import FeatureStore
 
 
@@ -42,7 +42,7 @@ def test_export_parquet_npy_csv_equal_the_store(px_store, tmp_path):
     st = FeatureStore(px_store)
     pq_out, npy_out, csv_out = tmp_path / "x.parquet", tmp_path / "x_npy", tmp_path / "x.csv"
     for fmt, out in (("parquet", pq_out), ("npy", npy_out), ("csv", csv_out)):
-        run_cli("export", px_store, "--format", fmt, "--out", out, "--row-group-size", 16, check=True)
+        cli_here("export", px_store, "--format", fmt, "--out", out, "--row-group-size", 16, check=True)
 
     pf = pq.ParquetFile(pq_out)
     assert pf.num_row_groups == 4  # 60 rows in groups of 16: written chunk by chunk
@@ -70,13 +70,13 @@ def test_export_parquet_npy_csv_equal_the_store(px_store, tmp_path):
 
 def test_import_features_round_trip_and_fit(px_store, tmp_path):
     pq_out = tmp_path / "x.parquet"
-    run_cli("export", px_store, "--format", "parquet", "--out", pq_out, "--row-group-size", 25, check=True)
+    cli_here("export", px_store, "--format", "parquet", "--out", pq_out, "--row-group-size", 25, check=True)
     imp = tmp_path / "imp.h5"
-    run_cli("import-features", pq_out, "--out", imp, check=True)
+    cli_here("import-features", pq_out, "--out", imp, check=True)
     a, b = FeatureStore(px_store), FeatureStore(str(imp))
     assert np.array_equal(a.features, b.features) and a.ids == b.ids and np.array_equal(a.labels, b.labels)
     assert b.class_names == a.class_names and b.config["backbone"] == "imported:x.parquet"
-    proc = run_cli("fit", "--features", imp, "--head", "knn", "--out", tmp_path / "knn.tlfx", check=True)
+    proc = cli_here("fit", "--features", imp, "--head", "knn", "--out", tmp_path / "knn.tlfx", check=True)
     assert (tmp_path / "knn.tlfx").is_file(), proc.stdout
 
 
@@ -85,7 +85,7 @@ def test_export_and_import_refuse_bad_input(px_store, tmp_path):
 
     out = tmp_path / "x.csv"
     out.write_text("keep me")
-    proc = run_cli("export", px_store, "--format", "csv", "--out", out)
+    proc = cli_here("export", px_store, "--format", "csv", "--out", out)
     assert proc.returncode == 2 and "--overwrite" in proc.stderr and "Traceback" not in proc.stderr
     assert out.read_text() == "keep me"  # nothing already written is lost
     cases = {
@@ -95,7 +95,7 @@ def test_export_and_import_refuse_bad_input(px_store, tmp_path):
     }
     for name, table in cases.items():
         pq.write_table(table, tmp_path / name)
-        proc = run_cli("import-features", tmp_path / name, "--out", tmp_path / f"{name}.h5")
+        proc = cli_here("import-features", tmp_path / name, "--out", tmp_path / f"{name}.h5")
         assert proc.returncode == 2, (name, proc.stderr)
         line = proc.stderr.strip()
         assert line.startswith("error:") and "\n" not in line and "Traceback" not in line, line
@@ -105,7 +105,7 @@ def test_export_and_import_refuse_bad_input(px_store, tmp_path):
 
 def test_similar_by_id_finds_itself_first(px_store):
     st = FeatureStore(px_store)
-    proc = run_cli("similar", px_store, "--id", st.ids[7], "--top-k", 5, "--format", "json", check=True)
+    proc = cli_here("similar", px_store, "--id", st.ids[7], "--top-k", 5, "--format", "json", check=True)
     rows = json.loads(proc.stdout)
     assert len(rows) == 5 and rows[0]["id"] == st.ids[7] and rows[0]["similarity"] == pytest.approx(1.0, abs=1e-6)
     assert [r["similarity"] for r in rows] == sorted((r["similarity"] for r in rows), reverse=True)
@@ -115,12 +115,12 @@ def test_similar_image_copy_first_duplicates_and_contact_sheet(folder_store, tmp
     path, root = folder_store
     query = tmp_path / "query.png"
     shutil.copyfile(root / "cat" / "3.png", query)
-    proc = run_cli("similar", path, "--image", query, "--top-k", 3, "--format", "csv", check=True)
+    proc = cli_here("similar", path, "--image", query, "--top-k", 3, "--format", "csv", check=True)
     rows = list(csv.DictReader(proc.stdout.splitlines()))
     assert rows[0]["id"] == "cat/3.png" and float(rows[0]["similarity"]) == pytest.approx(1.0, abs=1e-5)
 
     html = tmp_path / "dups.html"
-    proc = run_cli("similar", path, "--duplicates", "--threshold", 0.999, "--format", "json", "--html", html, check=True)
+    proc = cli_here("similar", path, "--duplicates", "--threshold", 0.999, "--format", "json", "--html", html, check=True)
     pairs = json.loads(proc.stdout)
     assert [{p["id_a"], p["id_b"]} for p in pairs] == [{"<b>dog/2.png", "<b>dog/2-copy.png"}]
     page = html.read_text()
@@ -134,5 +134,5 @@ def test_similar_table_escapes_control_characters_in_ids(tmp_path):
     for name in ("\x1b[31mred.png", "plain.png"):
         Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8)).save(root / "a" / name)
     path = tlfx.extract("pixels", f"imagefolder:{root}", str(tmp_path / "e.h5"), image_size=16).path
-    proc = run_cli("similar", path, "--id", "a/plain.png", check=True)
+    proc = cli_here("similar", path, "--id", "a/plain.png", check=True)
     assert "\x1b" not in proc.stdout and "\\x1b[31mred.png" in proc.stdout

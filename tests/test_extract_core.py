@@ -9,7 +9,7 @@ import h5py
 import numpy as np
 import pytest
 import torch
-from conftest import assert_imagenet_top5, fashion_dir, needs_fashion, run_cli
+from conftest import assert_imagenet_top5, cli_here, fashion_dir, needs_fashion, run_cli
 
 import tlfx
 from tlfx.errors import TlfxError
@@ -132,7 +132,7 @@ def test_csv_dataset_with_splits(fashion_png_dir, tmp_path):
 
 
 def test_torchvision_offline_message_names_file_and_directory(tmp_path):
-    p = run_cli("extract", "--backbone", "vgg16", "--data", "digits", "--out", tmp_path / "v.h5",
+    p = cli_here("extract", "--backbone", "vgg16", "--data", "digits", "--out", tmp_path / "v.h5",
                 env={"TORCH_HOME": str(tmp_path / "torch"), "TLFX_OFFLINE": "1"})
     assert p.returncode == 2
     lines = p.stderr.strip().splitlines()
@@ -156,7 +156,7 @@ def _write_hub_checkpoint(arch, torch_home):
 
 def test_torchvision_weights_api_loads_from_hub_cache(tmp_path):
     model, path = _write_hub_checkpoint("resnet18", tmp_path / "torch")
-    p = run_cli("extract", "--backbone", "resnet18", "--data", "digits", "--split", "test", "--limit", "16",
+    p = cli_here("extract", "--backbone", "resnet18", "--data", "digits", "--split", "test", "--limit", "16",
                 "--image-size", "64", "--out", tmp_path / "r.h5", "--quiet", env={"TORCH_HOME": str(tmp_path / "torch")})
     assert p.returncode == 0, p.stderr
     st = tlfx.FeatureStore(str(tmp_path / "r.h5"))
@@ -197,7 +197,7 @@ def test_local_weights_file_for_torchvision_and_timm(tmp_path):
 @pytest.mark.slow
 def test_vgg16_runs_from_hub_cache_checkpoint(tmp_path):
     _write_hub_checkpoint("vgg16", tmp_path / "torch")
-    p = run_cli("extract", "--backbone", "vgg16", "--data", "digits", "--split", "test", "--limit", "8",
+    p = cli_here("extract", "--backbone", "vgg16", "--data", "digits", "--split", "test", "--limit", "8",
                 "--image-size", "64", "--out", tmp_path / "v.h5", "--quiet", env={"TORCH_HOME": str(tmp_path / "torch")})
     assert p.returncode == 0, p.stderr
     assert tlfx.FeatureStore(str(tmp_path / "v.h5")).features.shape == (8, 4096)
@@ -217,6 +217,6 @@ def test_tlfx_lists(tmp_path):
     p = run_cli("backbones", env={"TLFX_OFFLINE": "1"})
     assert p.returncode == 0 and "efficientnet_lite0" in p.stdout and "offline" in p.stdout
     assert "vgg16" in p.stdout and "missing" in p.stdout
-    assert "fashion-mnist" in run_cli("datasets").stdout
-    plugins = run_cli("plugins").stdout
+    assert "fashion-mnist" in cli_here("datasets").stdout
+    plugins = cli_here("plugins").stdout
     assert "torchvision" in plugins and "efficientnet_lite" in plugins

@@ -11,7 +11,7 @@ import shutil
 import h5py
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli_here
 
 import tlfx
 from tlfx.errors import TlfxError
@@ -23,7 +23,7 @@ def svm_model(digits_stores, tmp_path_factory):
     """`tlfx fit --head svm --export-joblib` through the CLI, on the digits train store."""
     train, _ = digits_stores
     out = tmp_path_factory.mktemp("svm") / "svm.tlfx"
-    proc = run_cli("fit", "--features", train, "--head", "svm", "--param", "C=10", "--out", out, "--export-joblib",
+    proc = cli_here("fit", "--features", train, "--head", "svm", "--param", "C=10", "--out", out, "--export-joblib",
                    check=True)
     assert f"-> {out}" in proc.stdout and "fit svm (C=10)" in proc.stdout
     assert "pickle export" in proc.stdout
@@ -39,7 +39,7 @@ def fashion_store(fashion_png_dir, tmp_path_factory):
 
 def test_cli_evaluate_table_json_and_joblib_trust_pickle(svm_model, digits_stores):
     _, test = digits_stores
-    proc = run_cli("evaluate", "--model", svm_model, "--features", test, "--json", check=True)
+    proc = cli_here("evaluate", "--model", svm_model, "--features", test, "--json", check=True)
     rep = json.loads(proc.stdout)
     assert rep["n"] == len(FeatureStore(test)) and rep["kind"] == "head" and rep["head"] == "svm"
     assert rep["accuracy"] > 0.7, rep["accuracy"]
@@ -49,10 +49,10 @@ def test_cli_evaluate_table_json_and_joblib_trust_pickle(svm_model, digits_store
     assert api["accuracy"] == pytest.approx(rep["accuracy"]) and api["macro_f1"] == pytest.approx(rep["macro_f1"])
 
     joblib_path = os.path.splitext(svm_model)[0] + ".joblib"
-    refused = run_cli("evaluate", "--model", joblib_path, "--features", test)
+    refused = cli_here("evaluate", "--model", joblib_path, "--features", test)
     assert refused.returncode == 2 and refused.stderr.count("\n") == 1
     assert "pickle" in refused.stderr and "--trust-pickle" in refused.stderr
-    table = run_cli("evaluate", "--model", joblib_path, "--features", test, "--trust-pickle", check=True).stdout
+    table = cli_here("evaluate", "--model", joblib_path, "--features", test, "--trust-pickle", check=True).stdout
     assert f"accuracy {rep['accuracy']:.4f}" in table and "confusion matrix" in table and "precision" in table
 
 
@@ -79,7 +79,7 @@ def test_cli_predict_png_and_jpeg_matches_store_features(fashion_store, fashion_
     picked = [next(f for f in files if f.endswith(".jpg")), *[f for f in files if f.endswith(".png")][:3]]
     broken = tmp_path / "broken.png"
     broken.write_bytes(b"this is not an image")
-    proc = run_cli("predict", "--model", tmp_path / "f.tlfx", *picked, broken, "--top-k", "3", "--format", "json",
+    proc = cli_here("predict", "--model", tmp_path / "f.tlfx", *picked, broken, "--top-k", "3", "--format", "json",
                    check=True)
     rows = json.loads(proc.stdout)
     assert [r["path"] for r in rows] == [*picked, str(broken)]
@@ -90,7 +90,7 @@ def test_cli_predict_png_and_jpeg_matches_store_features(fashion_store, fashion_
         rel = os.path.relpath(r["path"], fashion_png_dir)
         # the rebuilt backbone + head give the same top class as the head on the extracted features
         assert r["top"][0]["class"] == store.class_names[by_id[rel]], rel
-    csv_out = run_cli("predict", "--model", tmp_path / "f.tlfx", picked[0], "--top-k", "2", "--format", "csv",
+    csv_out = cli_here("predict", "--model", tmp_path / "f.tlfx", picked[0], "--top-k", "2", "--format", "csv",
                       check=True).stdout
     table = list(csv.DictReader(io.StringIO(csv_out)))
     assert [t["rank"] for t in table] == ["1", "2"] and table[0]["class"] == rows[0]["top"][0]["class"]
@@ -100,7 +100,7 @@ def test_cli_predict_png_and_jpeg_matches_store_features(fashion_store, fashion_
 
 def test_cli_search_prints_choice_and_cv_score(digits_stores, tmp_path):
     train, _ = digits_stores
-    proc = run_cli("fit", "--features", train, "--head", "knn", "--search", "--cv", "3", "--out", tmp_path / "k.tlfx",
+    proc = cli_here("fit", "--features", train, "--head", "knn", "--search", "--cv", "3", "--out", tmp_path / "k.tlfx",
                    check=True)
     assert "chosen n_neighbors=" in proc.stdout and "CV accuracy 0." in proc.stdout
     s = tlfx.load_model(str(tmp_path / "k.tlfx")).meta["search"]
@@ -114,7 +114,7 @@ def test_cli_bad_head_and_params_are_one_line(digits_stores, tmp_path):
     for args, needle in [(["--head", "svmm"], "unknown head 'svmm'; valid choices: knn, linear, logistic"),
                          (["--head", "svm", "--param", "Cx=1"], "no parameter 'Cx'; valid parameters: C, degree"),
                          (["--head", "svm", "--param", "C=abc"], "C must be float; valid parameters: C, degree")]:
-        proc = run_cli("fit", "--features", train, *args, "--out", out)
+        proc = cli_here("fit", "--features", train, *args, "--out", out)
         assert proc.returncode == 2, proc.stderr
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and needle in proc.stderr
     assert not out.exists()
@@ -125,7 +125,7 @@ def test_store_from_another_configuration_is_refused(svm_model, tmp_path):
                          limit=40).path
     with pytest.raises(TlfxError, match=r"another backbone configuration than the model \(image_size: model 64 vs 32"):
         tlfx.evaluate(svm_model, other)
-    proc = run_cli("evaluate", "--model", svm_model, "--features", other)
+    proc = cli_here("evaluate", "--model", svm_model, "--features", other)
     assert proc.returncode == 2 and "another backbone configuration" in proc.stderr
 
 
@@ -161,7 +161,7 @@ def test_cli_demo_without_fashion_mnist_falls_back_to_digits(tmp_path):
     """A machine without the Debian package (nothing in the Fashion-MNIST search path): a note, then digits."""
     empty = tmp_path / "no-idx-here"
     empty.mkdir()
-    proc = run_cli("demo", "--train-limit", "60", "--test-limit", "30", "--image-size", "32", "--heads", "knn",
+    proc = cli_here("demo", "--train-limit", "60", "--test-limit", "30", "--image-size", "32", "--heads", "knn",
                    "--out", tmp_path / "demo", "--quiet", env={"TLFX_FASHION_MNIST_DIRS": str(empty)}, check=True)
     assert "Fashion-MNIST is not installed here" in proc.stderr and "using scikit-learn's digits" in proc.stderr
     assert proc.stdout.splitlines()[1].startswith("digits: 60 train / 30 test images")
@@ -174,7 +174,7 @@ def test_cli_demo_without_fashion_mnist_falls_back_to_digits(tmp_path):
 def test_cli_demo_small_then_rerun_reuses_stores(tmp_path):
     args = ["demo", "--data", "digits", "--train-limit", "120", "--test-limit", "60", "--image-size", "32",
             "--heads", "knn,logistic", "--out", tmp_path / "demo", "--quiet"]
-    first = run_cli(*args, check=True)
+    first = cli_here(*args, check=True)
     lines = first.stdout.splitlines()
     assert any(line.startswith("head") and "accuracy" in line and "fit s" in line for line in lines)
     rows = {line.split()[0]: line.split() for line in lines if line.split() and line.split()[0] in ("knn", "logistic")}
@@ -182,7 +182,7 @@ def test_cli_demo_small_then_rerun_reuses_stores(tmp_path):
     results = json.loads((tmp_path / "demo" / "results.json").read_text())
     assert [r["head"] for r in results["heads"]] == ["knn", "logistic"]
     assert (tmp_path / "demo" / "models" / "logistic.tlfx").is_file()
-    again = run_cli(*args, check=True)
+    again = cli_here(*args, check=True)
     assert again.stderr.count("already complete") == 2
     assert {line.split()[0]: line.split()[1] for line in again.stdout.splitlines() if line.split()
             and line.split()[0] in rows} == {k: v[1] for k, v in rows.items()}

@@ -15,7 +15,7 @@ import zipfile
 
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli_here, run_cli
 from PIL import Image
 
 import tlfx
@@ -124,18 +124,18 @@ def test_crafted_skops_type_is_refused_by_name_and_only_its_exact_name_trusts_it
     mark = tmp_path / "pwned"
     evil = _model_zip(tmp_path / "evil.tlfx", {"kind": "head", "format_version": 1, "class_names": ["a", "b"]},
                       {"head.skops": _os_system_skops(f"touch {mark}")})
-    p = run_cli("predict", "--model", evil, evil)
+    p = cli_here("predict", "--model", evil, evil)
     _one_line_refusal(p, "os.system", "--trust-type os.system")
     for widening in (["--trust-pickle"], ["--trust-type", "os.path.join"], ["--trust"]):
-        p = run_cli("predict", "--model", evil, evil, *widening)
+        p = cli_here("predict", "--model", evil, evil, *widening)
         assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr
         assert not mark.exists(), widening
-    _one_line_refusal(run_cli("predict", "--model", evil, evil, "--trust"), "--trust-type", "--trust-pickle")
+    _one_line_refusal(cli_here("predict", "--model", evil, evil, "--trust"), "--trust-type", "--trust-pickle")
     with pytest.raises(TlfxError, match="os.system"):
         tlfx.load_model(evil, trust_pickle=True)
     assert not mark.exists()
     # the control: naming the type is what trusts it (the file then runs its command)
-    run_cli("predict", "--model", evil, evil, "--trust-type", "os.system")
+    cli_here("predict", "--model", evil, evil, "--trust-type", "os.system")
     assert mark.exists()
 
 
@@ -181,7 +181,7 @@ def test_oversized_and_lying_members_are_refused_before_reading(tmp_path):
     t0 = time.perf_counter()
     bomb = _model_zip(tmp_path / "bomb.tlfx", b" " * (64 << 20))  # 64 MiB of JSON whitespace, ~64 KiB on disk
     assert os.path.getsize(bomb) < 1 << 20
-    _one_line_refusal(run_cli("predict", "--model", bomb, bomb), "meta.json is larger than")
+    _one_line_refusal(cli_here("predict", "--model", bomb, bomb), "meta.json is larger than")
     # headers that understate the size: reading stops at the declared size and the CRC check refuses the rest
     liar = tmp_path / "liar.tlfx"
     liar.write_bytes(_patch_sizes(open(_model_zip(tmp_path / "l.tlfx", b" " * (8 << 20)), "rb").read(), b"meta.json", 100))
@@ -225,7 +225,7 @@ def test_malformed_records_are_one_line(tmp_path, meta, needle):
 
 def test_malformed_record_through_the_cli_exits_2(tmp_path):
     path = _model_zip(tmp_path / "huge.tlfx", {"kind": "head", "format_version": 1, "config": {"image_size": 40000}})
-    _one_line_refusal(run_cli("predict", "--model", path, path), "config.image_size", "40000")
+    _one_line_refusal(cli_here("predict", "--model", path, path), "config.image_size", "40000")
 
 
 class _Listener:

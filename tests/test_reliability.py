@@ -13,7 +13,7 @@ import h5py
 import numpy as np
 import pytest
 from badcorpus import EXPECTED, write_corpus
-from conftest import run_cli
+from conftest import cli_here, run_cli
 
 import tlfx
 from tlfx.store import StoreLock, parts_dir
@@ -121,7 +121,7 @@ def _start_and_kill_after_first_part(out):
 def test_incomplete_store_says_so_and_is_refused_unless_asked(tmp_path):
     out = tmp_path / "partial.h5"
     _start_and_kill_after_first_part(out)
-    info = run_cli("info", out)
+    info = cli_here("info", out)
     assert info.returncode == 0 and "INCOMPLETE" in info.stdout and f"of {N_ITEMS} items" in info.stdout
     with pytest.raises(tlfx.TlfxError, match="incomplete"):
         tlfx.FeatureStore(str(out), allow_incomplete=False)
@@ -132,14 +132,14 @@ def test_incomplete_store_says_so_and_is_refused_unless_asked(tmp_path):
 def test_other_configuration_is_refused_with_what_differs_and_overwrite_replaces(tmp_path):
     out = tmp_path / "s.h5"
     base = ["extract", "--data", "digits", "--split", "test", "--limit", "40", "--image-size", "64", "--quiet", "--out", out]
-    assert run_cli(*base).returncode == 0
-    again = run_cli(*base)
+    assert cli_here(*base).returncode == 0
+    again = cli_here(*base)
     assert again.returncode == 0 and "already complete" in again.stdout
-    p = run_cli(*base, "--pooling", "max", "--layers", "multi")
+    p = cli_here(*base, "--pooling", "max", "--layers", "multi")
     assert p.returncode == 2 and len(p.stderr.strip().splitlines()) == 1
     assert "pooling: store avg vs now max" in p.stderr and "layers:" in p.stderr and "--overwrite" in p.stderr
     assert tlfx.FeatureStore(str(out)).attrs["pooling"] == "avg"  # nothing already written is lost
-    p = run_cli(*base, "--pooling", "max", "--overwrite")
+    p = cli_here(*base, "--pooling", "max", "--overwrite")
     assert p.returncode == 0 and tlfx.FeatureStore(str(out)).attrs["pooling"] == "max"
 
 
@@ -150,10 +150,10 @@ def test_changed_dataset_contents_are_refused(fashion_png_dir, tmp_path):
     shutil.copytree(fashion_png_dir, data)
     out = tmp_path / "f.h5"
     args = ["extract", "--data", f"imagefolder:{data}", "--image-size", "64", "--quiet", "--out", out]
-    assert run_cli(*args).returncode == 0
+    assert cli_here(*args).returncode == 0
     first = sorted(data.rglob("*.png"))[0]
     first.write_bytes(sorted(data.rglob("*.jpg"))[0].read_bytes())  # same name, new content
-    p = run_cli(*args)
+    p = cli_here(*args)
     assert p.returncode == 2 and "dataset_fingerprint" in p.stderr
 
 
@@ -212,7 +212,7 @@ def test_read_only_output_directory(tmp_path):
     else:
         ro.chmod(0o555)
     try:
-        p = run_cli("extract", "--data", "digits", "--limit", "10", "--out", ro / "x.h5")
+        p = cli_here("extract", "--data", "digits", "--limit", "10", "--out", ro / "x.h5")
         assert p.returncode == 2 and "cannot write" in p.stderr and "Traceback" not in p.stderr
     finally:
         if IS_ROOT:
@@ -286,7 +286,7 @@ def test_awkward_images_decode_correctly(tmp_path):
     (["info", "/no/such.h5"], "does not exist"),
 ])
 def test_bad_cli_input_is_one_line_exit_2(tmp_path, args, needle):
-    p = run_cli(*args, cwd=tmp_path)
+    p = cli_here(*args, cwd=tmp_path)
     assert p.returncode == 2, p.stderr
     assert needle in p.stderr and "Traceback" not in p.stderr
     assert len(p.stderr.strip().splitlines()) == 1
@@ -295,10 +295,10 @@ def test_bad_cli_input_is_one_line_exit_2(tmp_path, args, needle):
 
 def test_empty_dataset_and_non_store_file(tmp_path):
     (tmp_path / "empty" / "cls").mkdir(parents=True)
-    p = run_cli("extract", "--data", f"imagefolder:{tmp_path / 'empty'}", "--out", tmp_path / "e.h5")
+    p = cli_here("extract", "--data", f"imagefolder:{tmp_path / 'empty'}", "--out", tmp_path / "e.h5")
     assert p.returncode == 2 and "holds no images" in p.stderr
     (tmp_path / "junk.h5").write_text("not hdf5")
-    p = run_cli("info", tmp_path / "junk.h5")
+    p = cli_here("info", tmp_path / "junk.h5")
     assert p.returncode == 2 and "not a readable HDF5" in p.stderr
-    p = run_cli("extract", "--data", "digits", "--limit", "5", "--out", tmp_path / "junk.h5")
+    p = cli_here("extract", "--data", "digits", "--limit", "5", "--out", tmp_path / "junk.h5")
     assert p.returncode == 2 and "--overwrite" in p.stderr and (tmp_path / "junk.h5").read_text() == "not hdf5"

@@ -14,7 +14,7 @@ import time
 import h5py
 import numpy as np
 import pytest
-from conftest import run_cli
+from conftest import cli_here, run_cli
 
 import tlfx
 from tlfx.store import FeatureStore
@@ -154,9 +154,9 @@ def test_undamaged_copy_still_reads(pixel_stores, tmp_path):
     """The control for the damage cases: the same copy, untouched, is accepted by all three commands."""
     ok = tmp_path / "ok.h5"
     shutil.copy(pixel_stores[0], ok)
-    assert run_cli("info", ok).returncode == 0
-    assert run_cli("fit", "--features", ok, "--head", "knn", "--out", tmp_path / "m.tlfx").returncode == 0
-    p = run_cli("compare", "--train", ok, "--test", pixel_stores[1], "--heads", "knn", "--learning-curve", "none",
+    assert cli_here("info", ok).returncode == 0
+    assert cli_here("fit", "--features", ok, "--head", "knn", "--out", tmp_path / "m.tlfx").returncode == 0
+    p = cli_here("compare", "--train", ok, "--test", pixel_stores[1], "--heads", "knn", "--learning-curve", "none",
                 "--bootstrap", "10", "--out", tmp_path / "rep")
     assert p.returncode == 0, p.stderr
 
@@ -177,7 +177,7 @@ def test_damaged_part_of_an_incomplete_store_is_refused(pixel_stores, tmp_path):
         p.create_dataset("ids", data=st.ids, dtype=h5py.string_dtype())
         p.create_dataset("skipped_ids", data=[], dtype=h5py.string_dtype())
         p.create_dataset("skipped_reasons", data=[], dtype=h5py.string_dtype())
-    _one_line_exit_2(run_cli("fit", "--features", out, "--head", "knn", "--allow-incomplete", "--out", tmp_path / "m"),
+    _one_line_exit_2(cli_here("fit", "--features", out, "--head", "knn", "--allow-incomplete", "--out", tmp_path / "m"),
                      "/labels has 199")
 
 
@@ -200,13 +200,13 @@ def _flip_bytes_in_chunk(path, dataset, chunk_index):
 def test_flipped_bits_in_features_are_found_by_verify_and_refused_by_fit(tmp_path):
     out = _extract(tmp_path / "rot.h5", "--split", "train", "--limit", "1000", "--part-size", "128")
     good = FeatureStore(out).features
-    p = run_cli("info", "--verify", out)
+    p = cli_here("info", "--verify", out)
     assert p.returncode == 0 and "verified: 1000 rows OK" in p.stdout, p.stderr
     a, b = _flip_bytes_in_chunk(out, "features", 1)
     assert 0 < a < b <= 1000
-    line = _one_line_exit_2(run_cli("info", "--verify", out), f"damaged rows {a}-{b - 1}", out)
+    line = _one_line_exit_2(cli_here("info", "--verify", out), f"damaged rows {a}-{b - 1}", out)
     assert f"{b - a} of 1000 rows" in line
-    _one_line_exit_2(run_cli("fit", "--features", out, "--head", "knn", "--out", tmp_path / "m.tlfx"),
+    _one_line_exit_2(cli_here("fit", "--features", out, "--head", "knn", "--out", tmp_path / "m.tlfx"),
                      "damaged rows", f"{a}-{b - 1}", out)
     assert not (tmp_path / "m.tlfx").exists()
     # the rows outside the damaged chunk are intact and the checksum is what caught it
@@ -227,7 +227,7 @@ def test_flipped_bits_in_a_part_are_found_by_verify(tmp_path):
         tlfx.store.write_part(str(out), 64 * i, 64 * (i + 1), st.features[64 * i:64 * (i + 1)], st.labels[64 * i:64 * (i + 1)],
                               st.ids[64 * i:64 * (i + 1)], [])
     _flip_bytes_in_chunk(f"{out}.parts/part-{128:010d}-{192:010d}.h5", "features", 0)
-    _one_line_exit_2(run_cli("info", "--verify", out), "damaged rows 128-191")
+    _one_line_exit_2(cli_here("info", "--verify", out), "damaged rows 128-191")
 
 
 def test_store_without_checksums_still_reads_and_verify_says_it_cannot_check(pixel_stores, tmp_path):
@@ -237,9 +237,9 @@ def test_store_without_checksums_still_reads_and_verify_says_it_cannot_check(pix
         for name in ("features", "labels"):
             _replace(f, name, f[name][...])
         assert not f["features"].fletcher32
-    p = run_cli("info", "--verify", old)
+    p = cli_here("info", "--verify", old)
     assert p.returncode == 0 and "cannot verify" in p.stdout and "without checksums" in p.stdout, p.stderr
-    assert run_cli("fit", "--features", old, "--head", "knn", "--out", tmp_path / "m.tlfx").returncode == 0
+    assert cli_here("fit", "--features", old, "--head", "knn", "--out", tmp_path / "m.tlfx").returncode == 0
 
 
 # ------------------------------------------------------------------------------------------ 3. disk full at the join
@@ -314,7 +314,7 @@ def test_info_escapes_control_characters_from_the_store(pixel_stores, tmp_path):
         f.attrs["class_names"] = json.dumps(names)
         f.attrs["dataset"] = "digits\x1b]0;pwned\x07"
         f["ids"][0] = "a\u202eb\nc"
-    p = run_cli("info", evil)
+    p = cli_here("info", evil)
     assert p.returncode == 0, p.stderr
     assert "\x1b" not in p.stdout and "\x07" not in p.stdout and "\u202e" not in p.stdout
     assert "\\x1b[2J\\x1b[31mred" in p.stdout and "digits\\x1b]0;pwned\\x07" in p.stdout
