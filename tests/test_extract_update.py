@@ -135,6 +135,7 @@ def test_update_refuses_another_configuration_and_datasets_without_file_ids(tmp_
     assert tlfx.FeatureStore(str(out)).attrs["n"] == 6  # untouched
 
 
+@pytest.mark.slow  # kills a subprocess mid-write and resumes (tens of seconds); CI runs the slow lane
 def test_a_killed_update_leaves_the_old_store_whole_and_the_same_command_finishes_it(tmp_path, capsys, digit_images):
     data, out = tmp_path / "data", tmp_path / "k.h5"
     add_images(data, digit_images, range(8))

@@ -257,6 +257,7 @@ def tmpfs_2m(tmp_path):
         subprocess.run(["umount", "-l", str(mnt)])
 
 
+@pytest.mark.slow  # test_reliability.py keeps a full-disk test in the fast lane; CI runs this one
 def test_disk_full_while_joining_parts_is_one_line_and_rerun_finishes_identically(tmpfs_2m, tmp_path):
     # 400 rows x 768 float32 = 1.2 MB of parts: they fit in 2 MB, the joined copy beside them does not
     args = ["--split", "train", "--limit", "400", "--part-size", "64"]

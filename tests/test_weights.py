@@ -278,6 +278,7 @@ def test_timm_downloads_through_hf_endpoint_then_runs_offline(tmp_path):
     assert (tlfx.FeatureStore(str(tmp_path / "b.h5")).features[:] == a.features[:]).all()
 
 
+@pytest.mark.slow  # waits out a cut download; test_timm_mirror_down_... stays in the fast lane
 def test_timm_cut_download_and_closed_port_leave_nothing(tmp_path):
     files, _ = hub_files(tmp_path)
     hf = tmp_path / "hf"
