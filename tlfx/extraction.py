@@ -256,6 +256,14 @@ class _PartWriter:
         if self.error:
             raise self.error
 
+    def abort(self):
+        """Stop after a failure elsewhere: the parts queued so far are written, a write error is dropped in favour
+        of the failure being raised."""
+        try:
+            self.close()
+        except BaseException:
+            pass
+
 
 def extract(backbone: str | Backbone = "efficientnet_lite0", data: str | ImageDataset = "digits",
             out: str = "features.h5", **options) -> ExtractResult:
@@ -363,10 +371,7 @@ def _run(computer: FeatureComputer, ds, writer, start, part_size, batch_size, wo
                     flush(last)
         pw.close()
     except BaseException:
-        try:
-            pw.close()
-        except BaseException:
-            pass
+        pw.abort()
         raise
     finally:
         bar.close()

@@ -212,10 +212,7 @@ def _fill(computer, ds, old_path, keep, writer, start, part_size, o, dim) -> int
                 listed = []
         pw.close()
     except BaseException:
-        try:
-            pw.close()
-        except BaseException:
-            pass
+        pw.abort()
         raise
     finally:
         bar.close()
