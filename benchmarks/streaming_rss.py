@@ -11,9 +11,10 @@ store writer (parts, then the join): 10 Gaussian blobs, rows sorted by class lik
 one test store of 10,000 rows from the same blobs. Then, each in a fresh child process, it runs
 ``tlfx fit --head linear --stream`` and ``tlfx fit --head sgd --stream`` (``--param epochs=E``) and reads the child's
 own peak RSS (``os.wait4`` rusage ``ru_maxrss``: that process alone, not the running maximum over all children that
-``getrusage(RUSAGE_CHILDREN)`` reports) and wall time; ``tlfx evaluate`` on the test store gives the accuracy. At the
-smallest size the same fits also run in memory (``--no-stream``) for contrast. The stores are removed at the end
-(``--keep`` keeps them).
+``getrusage(RUSAGE_CHILDREN)`` reports; the stores are written by another child, because Linux carries a parent's
+peak RSS over fork and exec into the child's ``ru_maxrss``) and wall time; ``tlfx evaluate`` on the test store
+gives the accuracy. At the smallest size the same fits also run in memory (``--no-stream``) for contrast. The
+stores are removed at the end (``--keep`` keeps them).
 """
 
 from __future__ import annotations
@@ -57,6 +58,13 @@ def write_store(path: str, n: int, dim: int, centres, seed: int, sorted_by_class
         w.finalize()
 
 
+def write_store_in_child(path: str, n: int, dim: int, seed: int, sorted_by_class: bool):
+    """Write a store from a separate process: Linux carries a process's peak RSS across fork and exec, so a parent
+    that had written a large store itself would pass its own peak on to every fit it starts."""
+    subprocess.run([sys.executable, os.path.abspath(__file__), "--write-store", path, str(n), str(dim), str(seed),
+                    str(int(sorted_by_class))], check=True)
+
+
 def run_child(args: list[str]) -> tuple[float, float, str]:
     """Run ``python -m tlfx.cli ARGS`` in a fresh process: (peak RSS in MiB of that process, seconds, stdout)."""
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
@@ -82,20 +90,24 @@ def main(argv=None):
     ap.add_argument("--no-memory", action="store_true", help="skip the in-memory (--no-stream) fits")
     ap.add_argument("--dir", default=None, help="where to write the stores (default: a temporary directory)")
     ap.add_argument("--keep", action="store_true", help="keep the stores")
+    ap.add_argument("--write-store", nargs=5, metavar=("PATH", "N", "DIM", "SEED", "SORTED"), help=argparse.SUPPRESS)
     a = ap.parse_args(argv)
+    if a.write_store:
+        path, n, dim, seed, srt = a.write_store
+        write_store(path, int(n), int(dim), blobs(0, int(dim)), int(seed), bool(int(srt)))
+        return
     sizes = [int(s) for s in a.sizes.split(",") if s.strip()] + ([2_000_000] if a.large else [])
     heads = [h.strip() for h in a.heads.split(",") if h.strip()]
     work = a.dir or tempfile.mkdtemp(prefix="tlfx-stream-")
     os.makedirs(work, exist_ok=True)
-    centres = blobs(0, a.dim)
     rows = []
     try:
         test = os.path.join(work, "test.h5")
-        write_store(test, 10_000, a.dim, centres, seed=1, sorted_by_class=False)
+        write_store_in_child(test, 10_000, a.dim, seed=1, sorted_by_class=False)
         for n in sizes:
             path = os.path.join(work, f"train-{n}.h5")
             t0 = time.perf_counter()
-            write_store(path, n, a.dim, centres, seed=2)
+            write_store_in_child(path, n, a.dim, seed=2, sorted_by_class=True)
             gb = os.path.getsize(path) / 1e9
             print(f"wrote {n} x {a.dim} store ({gb:.2f} GB) in {time.perf_counter() - t0:.0f} s", flush=True)
             modes = ["--stream"] + (["--no-stream"] if n == min(sizes) and not a.no_memory else [])

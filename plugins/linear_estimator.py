@@ -190,7 +190,9 @@ class LinearHead(ClassifierHead):
                     if full:
                         opt.zero_grad(set_to_none=True)
                     for X, y in shuffled_chunks(rows, targets, train, rng):
-                        Xt = torch.from_numpy(((X - mean) / scale).astype(np.float32, copy=False)).to(device)
+                        Xs = np.subtract(X, mean, dtype=np.float32)
+                        Xs /= scale  # in place: one chunk-sized temporary
+                        Xt = torch.from_numpy(Xs).to(device)
                         yt = torch.from_numpy(y).to(device)
                         if full:  # the mean loss over all training rows, accumulated chunk by chunk
                             (sum_loss(layer(Xt), yt) / n_tr).backward()

@@ -100,7 +100,9 @@ class SGDHead(ClassifierHead):
         self.n_epochs_ = 0
         for _ in range(self.epochs):
             for X, y in shuffled_chunks(rows, targets, train, rng):
-                self.model_.partial_fit((X - self.mean_) / self.scale_, y, classes=classes)
+                Xs = np.subtract(X, self.mean_)
+                Xs /= self.scale_  # in place: one chunk-sized temporary
+                self.model_.partial_fit(Xs, y, classes=classes)
             self.n_epochs_ += 1
             if not len(yv):
                 continue

@@ -76,6 +76,8 @@ def test_unlabelled_rows_are_skipped(digits, tmp_path):
         assert m.meta["n_train"] == int((y >= 0).sum()) and m.meta["streamed"] == {"chunk_rows": 150}
         assert list(m.estimator.classes_) == list(range(10))
         assert tlfx.evaluate(m, digits["test"])["accuracy"] > 0.85
+        # evaluate reads the store in chunks: the same probabilities as the whole array at once
+        np.testing.assert_array_equal(m.predict_proba_store(st), m.predict_proba_features(st.features))
 
 
 def test_epoch_visits_every_training_row_once_in_mixed_chunks(digits):
