@@ -2,7 +2,7 @@
 
 One command, one table (docs/performance.md, "Heads on stores larger than memory")::
 
-    .venv/bin/python benchmarks/streaming_rss.py                       # 50k and 250k rows: a few minutes on 2 cores
+    .venv/bin/python benchmarks/streaming_rss.py                       # 50k and 250k rows: ~13 min on a busy 2-core machine
     .venv/bin/python benchmarks/streaming_rss.py --sizes 200000,1000000
     .venv/bin/python benchmarks/streaming_rss.py --large               # adds 2M rows (10 GB on disk, 20 GB while written)
 
