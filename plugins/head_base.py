@@ -31,6 +31,7 @@ class ClassifierHead(ClassifierMixin, BaseEstimator):
 
     param_types: dict = {}
     param_bounds: dict = {}
+    streaming = False  # True: the head implements ``_fit_rows`` and trains on a store chunk by chunk (fit_store)
 
     def _check_params(self):
         for key, value in self.get_params(deep=False).items():
@@ -52,6 +53,37 @@ class ClassifierHead(ClassifierMixin, BaseEstimator):
                              f"({self.classes_[0]!r})")
         self._fit(X, np.asarray(y_idx, dtype=np.int64).ravel(), len(self.classes_))
         return self
+
+    def fit_store(self, store, chunk_rows: int | None = None):
+        """Train on the labelled rows of a :class:`tlfx.FeatureStore`, reading ``chunk_rows`` rows at a time
+        (default: about 64 MiB of features), so the store may be larger than memory. Rows labelled -1 are skipped.
+        Only for heads with ``streaming = True``; returns ``self``, fitted like ``fit`` would be."""
+        from tlfx.streaming import StoreRows
+
+        if not self.streaming:
+            raise TypeError(f"{type(self).__name__} cannot train chunk by chunk; call fit(X, y)")
+        self._check_params()
+        with StoreRows(store, chunk_rows) as rows:
+            return self._fit_source(rows)
+
+    def _fit_source(self, rows):
+        """Fit from a :mod:`tlfx.streaming` row source whose ``labels`` may hold -1 (unlabelled, skipped)."""
+        labels = rows.labels
+        keep = labels >= 0
+        self.classes_, inv = np.unique(labels[keep], return_inverse=True)
+        if len(self.classes_) < 2:
+            got = f"1 class ({self.classes_[0]!r})" if len(self.classes_) else "no labelled rows"
+            raise ValueError(f"{type(self).__name__} needs at least 2 classes to train, got {got}")
+        targets = np.full(len(labels), -1, dtype=np.int64)
+        targets[keep] = np.asarray(inv, dtype=np.int64).ravel()
+        self.n_features_in_ = int(rows.dim)
+        self._fit_rows(rows, targets, len(self.classes_))
+        return self
+
+    def _fit_rows(self, rows, targets, n_classes):  # pragma: no cover - streaming heads only
+        """Train from ``rows`` (:class:`tlfx.streaming.StoreRows` or ``ArrayRows``); ``targets``: indices into
+        ``classes_``, -1 for rows to skip."""
+        raise NotImplementedError
 
     def predict_proba(self, X):
         """Class probabilities ``[n, len(classes_)]``, columns in the order of ``classes_``."""

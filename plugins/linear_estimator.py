@@ -4,6 +4,9 @@ AdamW with decoupled weight decay, full-batch (``batch_size=0``) or mini-batch, 
 validation split, CUDA when present, deterministic for a given ``seed``. The learned layer is kept as numpy arrays
 (``coef_``, ``intercept_``, ``mean_``, ``scale_``), so a saved model holds plain arrays and no torch pickle, and
 prediction needs no torch at all.
+``fit_store`` (``streaming = True``) trains the same layer on a feature store read chunk by chunk (``_fit_rows``):
+standardisation statistics from one streaming pass, mini-batch AdamW over seeded shuffled chunks, early stopping on
+held-out rows kept in memory (capped at 64 MiB). ``fit(X, y)`` is unchanged by it.
 torch is imported inside ``fit`` only. The ``linear_head`` plugin registers this class.
 """
 
@@ -49,6 +52,7 @@ class LinearHead(ClassifierHead):
     param_bounds = {"lr": Bounds(0, low_open=True), "weight_decay": Bounds(0), "epochs": Bounds(1),
                     "batch_size": Bounds(0), "val_fraction": Bounds(0, 1, high_open=True), "patience": Bounds(0),
                     "min_steps": Bounds(0), "seed": SEED_BOUNDS}
+    streaming = True  # fit_store: trains on a store chunk by chunk
 
     def __init__(self, lr=1e-3, weight_decay=1e-2, epochs=100, batch_size=256, val_fraction=0.1, patience=8,
                  min_steps=1000, standardize=True, device="auto", seed=0):
@@ -110,6 +114,94 @@ class LinearHead(ClassifierHead):
                         idx = order[i:i + bs]
                         opt.zero_grad(set_to_none=True)
                         loss_fn(layer(Xt[idx]), yt[idx]).backward()
+                        opt.step()
+                self.n_epochs_ += 1
+                if Xv is None:
+                    continue
+                with torch.no_grad():
+                    val_loss = float(loss_fn(layer(Xv), yv))
+                if val_loss < best - 1e-6:
+                    best, bad_epochs = val_loss, 0
+                    best_state = [p.detach().clone() for p in layer.parameters()]
+                else:
+                    bad_epochs += 1
+                    if bad_epochs >= self.patience:
+                        break
+            if best_state is not None:
+                with torch.no_grad():
+                    for p, b in zip(layer.parameters(), best_state):
+                        p.copy_(b)
+            self.coef_ = layer.weight.detach().cpu().numpy().astype(np.float32)
+            self.intercept_ = layer.bias.detach().cpu().numpy().astype(np.float32)
+        self.passes_per_epoch_ = passes
+        self.best_val_loss_ = float(best) if np.isfinite(best) else None
+
+    def _fit_rows(self, rows, targets, n_classes):
+        """The streaming fit (see ``fit_store``): one pass for mean/scale and the held-out rows, then epochs of
+        mini-batch AdamW over shuffled chunks; ``batch_size=0`` accumulates the gradient over every chunk (one exact
+        full-batch step per pass)."""
+        import torch
+        from torch import nn
+
+        from tlfx.runtime import pick_device
+        from tlfx.streaming import holdout, scan
+
+        if not 0 <= self.val_fraction < 1:
+            raise ValueError(f"LinearHead: val_fraction={self.val_fraction!r} must be in [0, 1)")
+        device = pick_device(self.device)
+        va = holdout(targets, self.val_fraction, self.seed, rows.dim)
+        mean, var, Xv = scan(rows, targets >= 0, va, self.standardize)
+        self.mean_ = mean.astype(np.float32)
+        scale = np.sqrt(var)
+        self.scale_ = np.where(scale > 1e-12, scale, 1.0).astype(np.float32)
+        train = targets >= 0
+        train[va] = False
+        threads = torch.get_num_threads()
+        if device.type == "cpu" and int(train.sum()) * rows.dim < 2_000_000:
+            torch.set_num_threads(1)
+        try:
+            self._train_chunks(torch, nn, device, rows, targets, train, (Xv - self.mean_) / self.scale_,
+                               targets[va], n_classes)
+        finally:
+            torch.set_num_threads(threads)
+
+    def _train_chunks(self, torch, nn, device, rows, targets, train, Xv, yv, n_classes):
+        from tlfx.streaming import shuffled_chunks
+
+        n_tr = int(train.sum())
+        rng = np.random.default_rng(self.seed)
+        mean, scale = self.mean_, self.scale_
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.seed)
+            layer = nn.Linear(rows.dim, n_classes).to(device)
+            opt = torch.optim.AdamW(layer.parameters(), lr=self.lr, weight_decay=self.weight_decay)
+            loss_fn = nn.CrossEntropyLoss()
+            sum_loss = nn.CrossEntropyLoss(reduction="sum")
+            Xv = torch.from_numpy(np.ascontiguousarray(Xv, dtype=np.float32)).to(device) if len(yv) else None
+            yv = torch.from_numpy(yv).to(device) if len(yv) else None
+            full = self.batch_size <= 0
+            bs = n_tr if full else min(self.batch_size, n_tr)
+            passes = max(1, math.ceil(self.min_steps / max(1, self.epochs * math.ceil(n_tr / bs))))
+            best, best_state, bad_epochs = np.inf, None, 0
+            self.n_epochs_ = 0
+            for _epoch in range(self.epochs):
+                layer.train()
+                for _ in range(passes):
+                    if full:
+                        opt.zero_grad(set_to_none=True)
+                    for X, y in shuffled_chunks(rows, targets, train, rng):
+                        Xs = np.subtract(X, mean, dtype=np.float32)
+                        Xs /= scale  # in place: one chunk-sized temporary
+                        Xt = torch.from_numpy(Xs).to(device)
+                        yt = torch.from_numpy(y).to(device)
+                        if full:  # the mean loss over all training rows, accumulated chunk by chunk
+                            (sum_loss(layer(Xt), yt) / n_tr).backward()
+                            continue
+                        for i in range(0, len(yt), bs):
+                            opt.zero_grad(set_to_none=True)
+                            loss_fn(layer(Xt[i:i + bs]), yt[i:i + bs]).backward()
+                            opt.step()
+                    if full:
                         opt.step()
                 self.n_epochs_ += 1
                 if Xv is None:

@@ -1,4 +1,5 @@
-"""tlfx's scikit-learn heads as ordinary estimator classes: LogisticHead, SVMHead, RandomForestHead, KNNHead.
+"""tlfx's scikit-learn heads as ordinary estimator classes: LogisticHead, SGDHead, SVMHead, RandomForestHead,
+KNNHead.
 
 Each is a scikit-learn classifier with flat parameters (``tlfx fit --head svm --param C=10``) and defaults chosen
 for CNN embeddings: standardised features for the linear and kernel models, cosine distance for kNN, and an RBF
@@ -12,7 +13,7 @@ from __future__ import annotations
 import numpy as np
 from sklearn.ensemble import RandomForestClassifier
 from sklearn.kernel_approximation import Nystroem
-from sklearn.linear_model import LogisticRegression, RidgeClassifier
+from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
 from sklearn.neighbors import KNeighborsClassifier
 from sklearn.pipeline import make_pipeline
 from sklearn.preprocessing import StandardScaler
@@ -50,6 +51,76 @@ class LogisticHead(ClassifierHead):
 
     def _proba(self, X):
         return self.model_.predict_proba(X)
+
+class SGDHead(ClassifierHead):
+    """Logistic regression trained by stochastic gradient descent (``SGDClassifier(loss="log_loss")``, one-vs-rest),
+    chunk by chunk with ``partial_fit``: it trains on a feature store larger than memory (``streaming = True``).
+
+    ``fit(X, y)`` runs the same chunked algorithm over the arrays. ``alpha``: L2 strength; ``epochs``: passes over
+    the training rows; ``val_fraction``: held out (stratified, at most 64 MiB of features) for early stopping,
+    keeping the epoch with the lowest validation log-loss (0 = none, train all ``epochs``); ``patience``: epochs
+    without improvement before stopping; ``standardize``: scale to unit variance (statistics from one streaming
+    pass); ``random_state``: the held-out rows, chunk order and SGD's own shuffling.
+    """
+
+    param_types = {"alpha": (float,), "epochs": (int,), "val_fraction": (float,), "patience": (int,),
+                   "standardize": (bool,), "random_state": (int,)}
+    param_bounds = {"alpha": Bounds(0, low_open=True), "epochs": Bounds(1), "val_fraction": Bounds(0, 1, high_open=True),
+                    "patience": Bounds(1), "random_state": SEED_BOUNDS}
+    streaming = True
+
+    def __init__(self, alpha=1e-4, epochs=20, val_fraction=0.1, patience=3, standardize=True, random_state=0):
+        self.alpha = alpha
+        self.epochs = epochs
+        self.val_fraction = val_fraction
+        self.patience = patience
+        self.standardize = standardize
+        self.random_state = random_state
+
+    def _fit(self, X, y_idx, n_classes):
+        from tlfx.streaming import ArrayRows
+
+        self._fit_rows(ArrayRows(X, y_idx), y_idx, n_classes)
+
+    def _fit_rows(self, rows, targets, n_classes):
+        from tlfx.streaming import holdout, scan, shuffled_chunks
+
+        va = holdout(targets, self.val_fraction, self.random_state, rows.dim)
+        mean, var, Xv = scan(rows, targets >= 0, va, self.standardize)
+        scale = np.sqrt(var)
+        self.mean_ = mean
+        self.scale_ = np.where(scale > 1e-12, scale, 1.0)
+        Xv, yv = (Xv - self.mean_) / self.scale_, targets[va]
+        train = targets >= 0
+        train[va] = False
+        rng = np.random.default_rng(self.random_state)
+        self.model_ = SGDClassifier(loss="log_loss", alpha=self.alpha, random_state=self.random_state)
+        classes = np.arange(n_classes)
+        best, best_state, bad = np.inf, None, 0
+        self.n_epochs_ = 0
+        for _ in range(self.epochs):
+            for X, y in shuffled_chunks(rows, targets, train, rng):
+                Xs = np.subtract(X, self.mean_)
+                Xs /= self.scale_  # in place: one chunk-sized temporary
+                self.model_.partial_fit(Xs, y, classes=classes)
+            self.n_epochs_ += 1
+            if not len(yv):
+                continue
+            p = self.model_.predict_proba(Xv)
+            loss = float(-np.mean(np.log(np.clip(p[np.arange(len(yv)), yv], 1e-15, None))))
+            if loss < best - 1e-6:
+                best, bad = loss, 0
+                best_state = (self.model_.coef_.copy(), self.model_.intercept_.copy())
+            else:
+                bad += 1
+                if bad >= self.patience:
+                    break
+        if best_state is not None:
+            self.model_.coef_, self.model_.intercept_ = best_state
+        self.best_val_loss_ = float(best) if np.isfinite(best) else None
+
+    def _proba(self, X):
+        return self.model_.predict_proba((X - self.mean_) / self.scale_)
 
 class SVMHead(ClassifierHead):
     """Support vector machine on standardised features.

@@ -1,4 +1,4 @@
-"""First-party heads built on scikit-learn: logistic, svm, random_forest, knn (classes in
+"""First-party heads built on scikit-learn: logistic, sgd, svm, random_forest, knn (classes in
 :mod:`tlfx_plugins.sklearn_estimators`).
 
 Registered as ``"module:Class"`` strings, the way docs/plugins.md shows for heavy classes: scikit-learn is
@@ -16,6 +16,9 @@ def register_heads(register):
     register("logistic", f"{CLASSES}:LogisticHead",
              description="multinomial logistic regression on standardised features (lbfgs)",
              param_grid={"C": [0.01, 0.1, 0.5, 2.0]})
+    register("sgd", f"{CLASSES}:SGDHead",
+             description="logistic regression by SGD (partial_fit); trains on stores larger than memory, chunk by chunk",
+             param_grid={"alpha": [1e-5, 1e-4, 1e-3]})
     register("svm", f"{CLASSES}:SVMHead",
              description="RBF SVM on standardised features; Nystroem approximation + ridge above max_exact rows",
              param_grid={"C": [1.0, 10.0, 100.0]})

@@ -32,7 +32,7 @@ def blobs():
 
 
 def test_first_party_heads_registered_with_description_and_grid():
-    assert sorted(first_party_heads()) == ["knn", "linear", "logistic", "random_forest", "svm"]
+    assert sorted(first_party_heads()) == ["knn", "linear", "logistic", "random_forest", "sgd", "svm"]
     reg = tlfx.get_plugin_manager().registry("head")
     for name in first_party_heads():
         assert reg.get(name).description
@@ -77,7 +77,7 @@ def test_fit_rejects_bad_param_value_with_value_error(blobs):
         create_head("knn", n_neighbors="x").fit(X, y)
 
 
-@pytest.mark.parametrize("name", ["logistic", "svm", "random_forest", "knn", "linear"])
+@pytest.mark.parametrize("name", ["logistic", "sgd", "svm", "random_forest", "knn", "linear"])
 def test_heads_learn_and_roundtrip_through_a_safe_model_file(tmp_path, blobs, name):
     X, y = blobs
     params = {"n_estimators": 30} if name == "random_forest" else {}

@@ -23,6 +23,7 @@ from tlfx.testing import check_head
 
 CHECKED = {
     "logistic": [{}],
+    "sgd": [{}],
     "svm": [{}, {"max_exact": 10, "n_components": 20}, {"probability": True}],
     "random_forest": [{"n_estimators": 10, "n_jobs": 1}],
     "knn": [{}],

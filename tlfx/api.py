@@ -49,7 +49,8 @@ def _labeled(store: FeatureStore):
 
 def fit(features, head: str, params: dict | None = None, search: bool = False, out: str | None = None, *,
         cv: int = DEFAULT_CV, seed: int = 0, allow_incomplete: bool = False,
-        export_joblib: bool = False, engine: str = "local", address: str | None = None) -> HeadModel:
+        export_joblib: bool = False, engine: str = "local", address: str | None = None,
+        stream: bool | None = None, chunk_rows: int | None = None) -> HeadModel:
     """Train head ``head`` on the store at ``features`` and return a :class:`~tlfx.head_model.HeadModel`.
 
     ``params`` fix head parameters; ``search`` cross-validates the head's ``param_grid`` (StratifiedKFold with
@@ -57,14 +58,25 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
     and the head's ``random_state``/``seed`` unless ``params`` set them. ``out`` saves the
     model (``export_joblib`` also writes a pickle copy ``<out stem>.joblib``). ``engine="ray"`` fans the
     cross-validation out through joblib's Ray backend (``address`` of a running cluster, or a local one).
+    ``stream``: train a head that can (``linear``, ``sgd``) by reading the store ``chunk_rows`` rows at a time
+    instead of loading it; None decides by size (:func:`tlfx.training.use_streaming`).
     """
     from . import training
     from .heads import check_loadable
+    from .streaming import default_chunk_rows
 
     store = features if isinstance(features, FeatureStore) else FeatureStore(features, allow_incomplete=allow_incomplete)
     params = dict(params or {})
-    training.create_seeded_head(head, params, seed)  # unknown parameters -> one line, before any work
-    X, y = _labeled(store)
+    probe = training.create_seeded_head(head, params, seed)  # unknown parameters -> one line, before any work
+    if chunk_rows is not None and chunk_rows < 1:
+        raise TlfxError(f"chunk_rows = {chunk_rows} must be at least 1 (rows read at a time)")
+    streamed = training.use_streaming(head, probe, store, stream, search)
+    if streamed:  # labels only (8 bytes a row): the head reads the features chunk by chunk
+        y = store.labels
+        y = y[y >= 0]
+        X = None
+    else:
+        X, y = _labeled(store)
     present = np.unique(y)
     if len(y) == 0:
         raise TlfxError(f"store {store.path!r} has no labeled rows; fit needs labeled training features")
@@ -80,10 +92,16 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
                             f"--param); drop --search")
         extra["search"] = found.record(seed)
         params = {**params, **found.best_params}
-    est, fit_seconds = training.fit_head(head, X, y, params, seed)
+    if streamed:
+        est, fit_seconds = training.fit_head_store(head, store, params, seed, chunk_rows)
+        extra["streamed"] = {"chunk_rows": int(chunk_rows or default_chunk_rows(int(est.n_features_in_)))}
+        n_features = int(est.n_features_in_)
+    else:
+        est, fit_seconds = training.fit_head(head, X, y, params, seed)
+        n_features = int(X.shape[1])
     model = HeadModel.from_estimator(est, head=head, params=params, config=store.config,
                                      class_names=store.class_names, store=store,
-                                     extra={**extra, "n_train": int(len(y)), "n_features": int(X.shape[1]),
+                                     extra={**extra, "n_train": int(len(y)), "n_features": n_features,
                                             "fit_seconds": fit_seconds, "train_seconds": fit_seconds,
                                             "seed": seed, "tlfx_version": __version__})
     if out:

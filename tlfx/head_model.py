@@ -142,7 +142,17 @@ class HeadModel(Model):
         return np.asarray(self.estimator.classes_)
 
     def predict_proba_store(self, store):
-        return self.predict_proba_features(store.features)
+        """Probabilities for every row of ``store``; a complete store is read in chunks of ~64 MiB, so evaluating
+        on a store larger than memory needs memory for the probabilities only."""
+        if not store.complete:
+            return self.predict_proba_features(store.features)
+        from .streaming import default_chunk_rows
+
+        rows = default_chunk_rows(int(store.attrs.get("dim") or 1))
+        parts = [self.predict_proba_features(X) for _, X, _ in store.iter_chunks(rows)]
+        if not parts:
+            return self.predict_proba_features(store.features)
+        return np.concatenate(parts)
 
     def feature_computer(self, device=None):
         """The backbone that made the training features, rebuilt and verified (weights sha256) for new images."""

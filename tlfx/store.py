@@ -767,6 +767,30 @@ class FeatureStore:
         with _open_h5(self.path) as f:
             return list(zip(_strings(f["skipped/ids"]), _strings(f["skipped/reasons"])))
 
+    def rows(self) -> RowReader:
+        """A reader of row ranges that keeps the file open: ``with store.rows() as r: X = r.features(a, b)``.
+
+        Memory is what the caller asks for: a complete store is read from disk range by range (an incomplete one
+        from its snapshot of the parts, already in memory)."""
+        return RowReader(self)
+
+    def iter_chunks(self, rows: int = 8192, labeled_only: bool = False):
+        """``(start, features, labels)`` for consecutive blocks of ``rows`` rows, in bounded memory.
+
+        ``labeled_only`` drops the rows labelled -1 from each block (``start`` stays the block's first row)."""
+        if rows < 1:
+            raise TlfxError(f"chunk rows = {rows} must be at least 1")
+        labels = self.labels
+        with self.rows() as r:
+            for a in range(0, len(labels), rows):
+                b = min(a + rows, len(labels))
+                X, y = r.features(a, b), labels[a:b]
+                if labeled_only:
+                    keep = y >= 0
+                    if not keep.all():
+                        X, y = X[keep], y[keep]
+                yield a, X, y
+
     def __len__(self):
         snap = self._snapshot()
         return len(snap["labels"]) if snap is not None else int(self.attrs.get("n", 0))
@@ -837,6 +861,46 @@ class FeatureStore:
             lines.append(f"  made with   {t(st.get('device'))} {t(a.get('precision'))} in {st.get('seconds', 0):.1f} s "
                          f"({st.get('images_per_s', 0):.0f} images/s), tlfx {t(a.get('tlfx_version'))}")
         return "\n".join(lines)
+
+
+class RowReader:
+    """Row ranges of a store's ``/features`` with the file held open (see :meth:`FeatureStore.rows`)."""
+
+    def __init__(self, store: FeatureStore):
+        self.store = store
+        self._file = None
+        self._ds = None
+        self._snap = store._snapshot()
+        if self._snap is not None:
+            self.n, self.dim = self._snap["features"].shape[0], (self._snap["features"].shape[1] if
+                                                                 self._snap["features"].ndim == 2 else 0)
+        else:
+            self.n, self.dim = int(store.attrs.get("n", 0)), int(store.attrs.get("dim", 0))
+
+    def __enter__(self):
+        if self._snap is None:
+            self._file = _open_h5(self.store.path)
+            self._ds = self._file["features"]
+            self.n, self.dim = self._ds.shape
+        return self
+
+    def __exit__(self, *exc):
+        if self._file is not None:
+            self._file.close()
+            self._file = self._ds = None
+
+    @property
+    def hdf5_chunk_rows(self) -> int:
+        """Rows per HDF5 chunk of ``/features`` (the natural unit of a read); 1 for an in-memory snapshot."""
+        return int(self._ds.chunks[0]) if self._ds is not None and self._ds.chunks else 1
+
+    def features(self, start: int, stop: int) -> np.ndarray:
+        """Rows ``[start, stop)`` of ``/features`` (a damaged chunk ends in one line naming its rows)."""
+        if self._snap is not None:
+            return self._snap["features"][start:stop]
+        if self._ds is None:
+            raise RuntimeError("RowReader used outside its with-block")
+        return read_rows(self._ds, self.store.path, "features", start, stop)
 
 
 def _merge(ranges: list[tuple[int, int]]) -> list[tuple[int, int]]:

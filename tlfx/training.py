@@ -16,6 +16,8 @@ import numpy as np
 from .errors import TlfxError
 
 SEED_PARAMS = ("random_state", "seed")
+# ``tlfx fit`` without --stream/--no-stream streams a head that can when the store's features are larger than this
+STREAM_ABOVE_BYTES = 2 << 30
 
 
 def plain(v):
@@ -138,6 +140,69 @@ def fit_head(name: str, X, y, params: dict | None = None, seed: int = 0, warn: l
         with collect_warnings(warn):
             t0 = time.perf_counter()
             est.fit(X, y)
+            seconds = time.perf_counter() - t0
+    except TlfxError:
+        raise
+    except (ValueError, TypeError) as exc:
+        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise TlfxError(f"head {name!r} with parameters {params or '(defaults)'} cannot be fitted: {msg}") from None
+    return est, seconds
+
+
+def can_stream(est) -> bool:
+    """Whether a head trains on a store chunk by chunk: ``streaming = True`` and a ``fit_store`` method."""
+    return bool(getattr(est, "streaming", False)) and callable(getattr(est, "fit_store", None))
+
+
+def streaming_heads() -> list[str]:
+    """The registered heads that can train chunk by chunk (builds each head once: for messages, not hot paths)."""
+    from .heads import create_head, list_heads
+
+    out = []
+    for name in list_heads():
+        try:
+            if can_stream(create_head(name)):
+                out.append(name)
+        except Exception:  # a broken third-party head does not hide the others
+            continue
+    return out
+
+
+def use_streaming(name: str, est, store, stream: bool | None, search: bool) -> bool:
+    """Decide whether ``tlfx fit`` trains head ``name`` from the store chunk by chunk.
+
+    ``stream`` True/False forces it (True is refused with ``search``, which cross-validates in memory, and for a
+    head that cannot stream); None (auto) streams a head that can, without ``search``, on a complete store whose
+    features take more than :data:`STREAM_ABOVE_BYTES`."""
+    if stream is False:
+        return False
+    if stream and search:
+        raise TlfxError("--stream cannot be combined with --search (the grid search cross-validates in memory); "
+                        "drop one of them")
+    if not can_stream(est):
+        if stream:
+            raise TlfxError(f"head {name!r} cannot train chunk by chunk; heads that can: "
+                            f"{', '.join(streaming_heads()) or 'none'}; drop --stream")
+        return False
+    if stream:
+        return True
+    if search or not store.complete:
+        return False
+    a = store.attrs
+    itemsize = 2 if a.get("dtype") == "float16" else 4
+    return int(a.get("n", 0)) * int(a.get("dim", 0)) * itemsize > STREAM_ABOVE_BYTES
+
+
+def fit_head_store(name: str, store, params: dict | None = None, seed: int = 0, chunk_rows: int | None = None,
+                   warn: list | None = None):
+    """Like :func:`fit_head`, but the head reads ``store`` itself, ``chunk_rows`` rows at a time
+    (``est.fit_store``); returns ``(estimator, fit seconds)``."""
+    est = create_seeded_head(name, params, seed)
+    reseed_globals(seed)
+    try:
+        with collect_warnings(warn):
+            t0 = time.perf_counter()
+            est.fit_store(store, chunk_rows=chunk_rows)
             seconds = time.perf_counter() - t0
     except TlfxError:
         raise
