@@ -65,6 +65,7 @@ class SweepOptions:
     dtype: str = "float32"
     batch_size: int = 64
     workers: int | None = None
+    part_size: int | None = None  # rows per durable part of a store (default: the extraction engine's)
 
     def validate(self) -> SweepOptions:
         for name in ("limit", "test_limit"):
@@ -77,7 +78,7 @@ class SweepOptions:
         from .config import ExtractOptions
 
         ExtractOptions(pooling=self.pooling, image_size=self.image_size, dtype=self.dtype, batch_size=self.batch_size,
-                       workers=self.workers, runtime=self.runtime).validate()
+                       workers=self.workers, runtime=self.runtime, part_size=self.part_size).validate()
         return self
 
 
@@ -283,7 +284,7 @@ def _run_config(bb, name: str, layers: str, splits: dict, limits: dict, opts: Sw
                                             pooling=opts.pooling, image_size=opts.image_size,
                                             precision=opts.precision, runtime=opts.runtime, device=opts.device,
                                             dtype=opts.dtype, batch_size=opts.batch_size, workers=opts.workers,
-                                            progress=progress))
+                                            part_size=opts.part_size, progress=progress))
         if not res.already_complete:
             lg.say(f"  {res.summary()}")
         st = FeatureStore(path)
