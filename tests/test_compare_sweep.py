@@ -20,7 +20,7 @@ from tlfx.safetext import markdown as md_escape
 from tlfx.sweep import SweepOptions, resolved_config, store_key, store_path, sweep
 
 SWEEP = ["--data", "digits", "--backbones", "pixels_grey,efficientnet_lite0", "--heads", "svm,knn",
-         "--image-size", "32", "--limit", "200", "--test-limit", "100", "--learning-curve", "none",
+         "--image-size", "32", "--limit", "200", "--test-limit", "100", "--learning-curve", "1,all",
          "--bootstrap", "200", "--gallery", "0", "--quiet"]
 
 
@@ -146,7 +146,10 @@ def test_sweep_writes_one_report_with_the_grid_and_the_paired_tests(sweep_run):
         assert html_escape(p["sentence"]) in html
         assert md_escape(p["sentence"]) in md
     assert 'id="grid-table"' in html and "| backbone · layers | svm | knn |" in md
-    assert set(rep["figures"]) == {"grid_heatmap", "accuracy_vs_cost", "embedding_map"}
+    assert set(rep["figures"]) == {"grid_heatmap", "accuracy_vs_cost", "learning_curves", "embedding_map"}
+    assert [c["row"] for c in rep["learning_curves"]] == [
+        max((r for r in rep["rows"] if r["config"] == c["id"]), key=lambda r: (r["accuracy"], r["macro_f1"]))["id"]
+        for c in rep["configs"]]
     for f in rep["figures"].values():
         assert (out / f["file"]).stat().st_size > 5000
     emb = rep["embedding"]

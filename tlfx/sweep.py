@@ -256,6 +256,7 @@ def sweep(data: str, backbones, layers, heads, out: str, *, cache: str | None = 
         "log": lg.lines,
     })
     report["embedding"] = embedding_map(report, per_config, seed=seed)
+    report["learning_curves"] = best_head_curves(report, per_config)
     report["timing"] = {"total_seconds": time.perf_counter() - t_start}
     from .report.sweep import write_sweep_reports
 
@@ -394,6 +395,22 @@ def pareto_cost(rows) -> list[str]:
     pts = [(r["id"], r["accuracy"], r["timing"]["total_cost_seconds"]) for r in rows]
     return [rid for rid, acc, t in pts
             if not any(a2 >= acc and t2 <= t and (a2 > acc or t2 < t) for _, a2, t2 in pts)]
+
+
+def best_head_curves(report: dict, per_config: dict) -> list[dict]:
+    """Per configuration, the learning curve of its most accurate head (from the configuration's own report)."""
+    out = []
+    for c in report["configs"]:
+        mine = [r for r in report["rows"] if r["config"] == c["id"]]
+        curves = (per_config[c["id"]].get("learning_curves") or {}).get("curves") or []
+        if not mine or not curves:
+            continue
+        top = max(mine, key=lambda r: (r["accuracy"], r["macro_f1"]))
+        cur = next((cv for cv in curves if cv["head"] == top["head"] and cv["features"] == "main"), None)
+        if cur is not None:
+            out.append({"config": c["id"], "row": top["id"], "label": top["label"], "per_class": cur["per_class"],
+                        "n_train": cur["n_train"], "accuracy": cur["accuracy"]})
+    return out
 
 
 MAX_MAP_POINTS = 5000

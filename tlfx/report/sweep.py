@@ -21,7 +21,7 @@ from .html import CSS, _fmt_bytes, _fmt_s, data_uri
 from .html import _num as _hnum
 
 SWEEP_CSS = CSS + """
-table.grid td{text-align:center}table.grid td.best{background:#eaf6ec;font-weight:600}
+table.grid td{text-align:center}table.grid td.l{text-align:left}table.grid td.best{background:#eaf6ec;font-weight:600}
 ul.paired li{margin:4px 0}
 """
 
@@ -46,6 +46,11 @@ def make_sweep_figures(report: dict, directory: str) -> dict:
             "Test accuracy (bars: 95% bootstrap CI) against extraction of both splits plus head fit time, log scale. "
             "Colour: backbone; marker: head. Rings and the dashed line mark the Pareto front.",
             lambda plt, p: _cost(plt, p, report))
+        curves = report.get("learning_curves") or []
+        if curves:
+            add("learning_curves", "Learning curves of the best head per configuration",
+                "Test accuracy against labelled training examples per class (default parameters, fixed-seed "
+                "subsets), for each configuration's most accurate head.", lambda plt, p: _curves(plt, p, curves))
         emb = report.get("embedding")
         if emb:
             add("embedding_map", f"Embedding map: {emb['label']}",
@@ -125,6 +130,21 @@ def _cost(plt, path, report):
     handles += [plt.Line2D([], [], marker=MARKERS[i % len(MARKERS)], ls="", color="#555", label=_t(h))
                 for i, h in enumerate(heads)]
     ax.legend(handles=handles, loc="best", fontsize=8.5)
+    return _save(fig, path)
+
+
+def _curves(plt, path, curves):
+    fig, ax = plt.subplots(figsize=(8.5, 5))
+    for i, c in enumerate(curves):
+        pts = [(n, a) for n, a in zip(c["n_train"], c["accuracy"]) if a is not None and n]
+        if pts:
+            ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=4, color=HEAD_COLORS[i % len(HEAD_COLORS)],
+                    label=_t(c["label"]))
+    ax.set_xscale("log")
+    _plain_log_ticks(ax)
+    ax.set_xlabel("labelled training images (log scale)")
+    ax.set_ylabel("test accuracy")
+    ax.legend(fontsize=8.5, loc="lower right")
     return _save(fig, path)
 
 
