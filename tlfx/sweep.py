@@ -116,9 +116,14 @@ def resolved_config(bb, layers: str, opts: SweepOptions) -> dict:
             "precision": resolve_precision(opts.precision, device)}
 
 
-def store_path(cache: str, backbone: str, layers: str, split: str, digest: str) -> str:
-    """``<cache>/<backbone>-<layers>-<split>-<first 16 hex of the key>.h5`` (readable, and unique by the key)."""
-    return os.path.join(cache, f"{_slug(backbone)}-{_slug(layers)}-{_slug(split)}-{digest[:16]}.h5")
+def store_path(cache: str, backbone: str, layers, split: str, digest: str) -> str:
+    """``<cache>/<backbone>-<layers>-<split>-<first 16 hex of the key>.h5`` (readable, and unique by the key).
+
+    ``layers`` is the resolved list (or a label): two spellings of the same layers name the same file.
+    """
+    lay = "-".join(layers) if isinstance(layers, (list, tuple)) else str(layers)
+    lay = _slug(lay)[:48]
+    return os.path.join(cache, f"{_slug(backbone)[:48]}-{lay}-{_slug(split)}-{digest[:16]}.h5")
 
 
 def _write_json(path: str, obj):
@@ -224,9 +229,16 @@ def sweep(data: str, backbones, layers, heads, out: str, *, cache: str | None = 
     used_slugs: set = set()
     for b in names:
         bb = None
+        seen: dict = {}
         for lay in layer_specs:
             if bb is None:
                 bb = create_backbone(b)
+            same = json.dumps(resolved_config(bb, lay, opts), sort_keys=True, default=str)
+            if same in seen:  # e.g. multi on a backbone without stages: the same features, the same rows
+                lg.total -= 3
+                lg.say(f"{b} / {lay}: skipped, the same features as {b} / {seen[same]}")
+                continue
+            seen[same] = lay
             cfg = _run_config(bb, b, lay, splits, limits, opts, cache, lg, progress)
             slug = _slug(f"{b}-{lay}")
             while slug in used_slugs:
@@ -275,7 +287,7 @@ def _run_config(bb, name: str, layers: str, splits: dict, limits: dict, opts: Sw
     stores = {}
     for what, ds in splits.items():
         digest, record = store_key(config, ds, limits[what], opts.dtype)
-        path = store_path(cache, name, layers, ds.split or what, digest)
+        path = store_path(cache, name, config["layers"], ds.split or what, digest)
         state = store_state(path)
         lg.step(f"{name} / {layers}: {what} split: {state} {path}")
         if state != "reusing":
