@@ -266,3 +266,28 @@ def test_a_killed_sweep_resumes(tmp_path):
 
     st = FeatureStore(next(c for c in rep["configs"] if c["backbone"] == "efficientnet_lite0")["stores"]["train"]["path"])
     assert st.complete and len(st) == 400
+
+
+def test_sweep_report_escapes_every_foreign_value(sweep_run, tmp_path):
+    """Names reach the page from the command line and the stores: markup and control characters stay text."""
+    from tlfx.report.sweep import render_sweep_html, render_sweep_markdown
+
+    out = sweep_run[0]
+    rep = json.loads((out / "report.json").read_text())
+    evil = "<script>alert(1)</script>|**x**\x1b[31m"
+    for r in rep["rows"]:
+        r["label"] = r["backbone"] = r["head"] = evil
+    for c in rep["configs"]:
+        c["backbone"] = evil
+    for p in rep["paired"]:
+        p["sentence"] = evil
+    rep["config"]["data"] = evil
+    rep["heads"] = [evil, *rep["heads"][1:]]
+    figures = {name: {"path": str(out / f["file"]), "title": evil, "caption": evil}
+               for name, f in rep["figures"].items()}
+    html = render_sweep_html(rep, figures)
+    assert "<script>" not in html and "\x1b" not in html
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in html
+    md = render_sweep_markdown(rep)
+    assert "<script>" not in md and "\x1b" not in md and "|**x**" not in md
+    assert md_escape(evil) in md
