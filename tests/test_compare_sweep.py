@@ -291,3 +291,13 @@ def test_sweep_report_escapes_every_foreign_value(sweep_run, tmp_path):
     md = render_sweep_markdown(rep)
     assert "<script>" not in md and "\x1b" not in md and "|**x**" not in md
     assert md_escape(evil) in md
+
+
+def test_layers_that_resolve_to_the_same_features_run_once(tmp_path):
+    log: list = []
+    rep = sweep("digits", "pixels_grey", "penultimate,multi", "knn", str(tmp_path / "rep"),
+                opts=SweepOptions(limit=60, test_limit=30), learning_curve="none", n_boot=20, gallery=0, log=log.append)
+    assert [c["layers"] for c in rep["configs"]] == ["penultimate"]
+    assert "pixels_grey / multi: skipped, the same features as pixels_grey / penultimate" in log
+    assert log[-1].startswith("[3/3] ")
+    assert len(_stores(tmp_path / "rep" / "stores")) == 2

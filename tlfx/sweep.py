@@ -228,17 +228,16 @@ def sweep(data: str, backbones, layers, heads, out: str, *, cache: str | None = 
     configs, per_config = [], {}
     used_slugs: set = set()
     for b in names:
-        bb = None
+        bb = create_backbone(b)
         seen: dict = {}
         for lay in layer_specs:
-            if bb is None:
-                bb = create_backbone(b)
             same = json.dumps(resolved_config(bb, lay, opts), sort_keys=True, default=str)
             if same in seen:  # e.g. multi on a backbone without stages: the same features, the same rows
                 lg.total -= 3
                 lg.say(f"{b} / {lay}: skipped, the same features as {b} / {seen[same]}")
-                continue
-            seen[same] = lay
+            else:
+                seen[same] = lay
+        for lay in seen.values():
             cfg = _run_config(bb, b, lay, splits, limits, opts, cache, lg, progress)
             slug = _slug(f"{b}-{lay}")
             while slug in used_slugs:
