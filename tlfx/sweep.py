@@ -150,6 +150,18 @@ def store_state(path: str) -> str:
     return "resuming" if os.path.isdir(parts_dir(path)) else "extracting"
 
 
+def _same_store(path: str, wanted: dict) -> bool:
+    """Whether the complete store at ``path`` records exactly ``wanted`` (configuration and images): then it is
+    reused without building the network (the extraction engine would find the same and do nothing)."""
+    from .store import config_diff, read_attrs
+
+    try:
+        attrs = read_attrs(path)
+    except TlfxError:
+        return False
+    return bool(attrs.get("complete")) and not config_diff(attrs, wanted)
+
+
 def disk_bytes(path: str) -> int:
     """Bytes a store takes on disk: the file and, for a virtual or unfinished store, its parts."""
     from .store import parts_dir
@@ -292,13 +304,16 @@ def _run_config(bb, name: str, layers: str, splits: dict, limits: dict, opts: Sw
         if state != "reusing":
             _write_json(path[:-3] + ".key.json", record)  # what the hashed name stands for, for people
         t0 = time.perf_counter()
-        res = run_extraction(ExtractOptions(backbone=bb, data=ds, out=path, limit=limits[what], layers=layers,
-                                            pooling=opts.pooling, image_size=opts.image_size,
-                                            precision=opts.precision, runtime=opts.runtime, device=opts.device,
-                                            dtype=opts.dtype, batch_size=opts.batch_size, workers=opts.workers,
-                                            part_size=opts.part_size, progress=progress))
-        if not res.already_complete:
-            lg.say(f"  {res.summary()}")
+        wanted = {**config, "dtype": opts.dtype, "dataset": ds.spec, "split": ds.split or "all",
+                  "dataset_fingerprint": record["dataset"]["fingerprint"]}
+        if state != "reusing" or not _same_store(path, wanted):  # anything unsure: the extraction engine decides
+            res = run_extraction(ExtractOptions(backbone=bb, data=ds, out=path, limit=limits[what], layers=layers,
+                                                pooling=opts.pooling, image_size=opts.image_size,
+                                                precision=opts.precision, runtime=opts.runtime, device=opts.device,
+                                                dtype=opts.dtype, batch_size=opts.batch_size, workers=opts.workers,
+                                                part_size=opts.part_size, progress=progress))
+            if not res.already_complete:
+                lg.say(f"  {res.summary()}")
         st = FeatureStore(path)
         stats = st.attrs.get("stats") or {}
         stores[what] = {"path": os.path.abspath(path), "key": digest, "state": state, "n": len(st),
