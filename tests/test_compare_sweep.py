@@ -301,3 +301,22 @@ def test_layers_that_resolve_to_the_same_features_run_once(tmp_path):
     assert "pixels_grey / multi: skipped, the same features as pixels_grey / penultimate" in log
     assert log[-1].startswith("[3/3] ")
     assert len(_stores(tmp_path / "rep" / "stores")) == 2
+
+
+def test_a_store_planted_under_a_cache_name_is_never_reused(tmp_path):
+    """The file name is only a hint: a complete store whose recorded configuration is not the wanted one is
+    refused by the extraction engine, never reused."""
+    import shutil
+
+    from tlfx.errors import TlfxError
+
+    kw = dict(learning_curve="none", n_boot=20, gallery=0, log=None)
+    small = sweep("digits", "pixels_grey", "penultimate", "knn", str(tmp_path / "a"),
+                  opts=SweepOptions(image_size=16, limit=40, test_limit=20), **kw)
+    big = sweep("digits", "pixels_grey", "penultimate", "knn", str(tmp_path / "b"),
+                opts=SweepOptions(image_size=32, limit=40, test_limit=20), **kw)
+    target = big["configs"][0]["stores"]["train"]["path"]
+    shutil.copyfile(small["configs"][0]["stores"]["train"]["path"], target)  # 16 px features under the 32 px name
+    with pytest.raises(TlfxError, match="image_size"):
+        sweep("digits", "pixels_grey", "penultimate", "knn", str(tmp_path / "b"),
+              opts=SweepOptions(image_size=32, limit=40, test_limit=20), **kw)
