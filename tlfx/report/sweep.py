@@ -16,7 +16,7 @@ import numpy as np
 from ..safetext import html as e
 from ..safetext import markdown as m
 from ..safetext import terminal
-from .figures import HEAD_COLORS, RC, TMP_PREFIX, _labels, _plt, _save, _short, _t, public_mode
+from .figures import HEAD_COLORS, RC, TMP_PREFIX, _labels, _plt, _save, _short, _t, plain_log_ticks, public_mode
 from .html import CSS, _fmt_bytes, _fmt_s, data_uri
 from .html import _num as _hnum
 
@@ -119,7 +119,7 @@ def _cost(plt, path, report):
     if len(fr) > 1:
         ax.step([p[0] for p in fr], [p[1] for p in fr], "k--", where="post", lw=1, alpha=0.6)
     ax.set_xscale("log")
-    _plain_log_ticks(ax)
+    plain_log_ticks(ax)
     ax.set_xlabel("extraction (train + test) + fit time (s, log scale)")
     ax.set_ylabel("test accuracy")
     ax.margins(x=0.3)
@@ -141,19 +141,11 @@ def _curves(plt, path, curves):
             ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", ms=4, color=HEAD_COLORS[i % len(HEAD_COLORS)],
                     label=_t(c["label"]))
     ax.set_xscale("log")
-    _plain_log_ticks(ax)
+    plain_log_ticks(ax)
     ax.set_xlabel("labelled training images (log scale)")
     ax.set_ylabel("test accuracy")
     ax.legend(fontsize=8.5, loc="lower right")
     return _save(fig, path)
-
-
-def _plain_log_ticks(ax):
-    """Tick labels as plain numbers: mathtext is off (RC), so matplotlib's default '10^{1}' would show raw."""
-    from matplotlib.ticker import FuncFormatter, NullFormatter
-
-    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
-    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _embedding(plt, path, emb):
