@@ -116,3 +116,48 @@ def format_report(rep: dict, title: str | None = None) -> str:
     for i, row in enumerate(cm):
         lines.append(f"{rep['class_names'][i]:<{w}} " + "".join(f"{v:>{cw}}" for v in row) + f"   ({i})")
     return "\n".join(lines)
+
+
+def mcnemar_exact(b: int, c: int) -> float:
+    """Two-sided exact McNemar p-value for ``b`` and ``c`` discordant pairs (A right/B wrong, A wrong/B right).
+
+    Under "A and B are equally accurate" each discordant pair is a fair coin: p = 2 * P(X <= min(b, c)) for
+    X ~ Binomial(b + c, 1/2), capped at 1 (1 when there is no discordant pair). Computed with exact integers:
+    ``mcnemar_exact(1, 9)`` = 2 * (C(10,0) + C(10,1)) / 2**10 = 22/1024 = 0.021484375.
+    """
+    b, c = int(b), int(c)
+    if b < 0 or c < 0:
+        raise ValueError(f"discordant counts must be >= 0, got b={b}, c={c}")
+    n, m = b + c, min(b, c)
+    if n == 0:
+        return 1.0
+    term, tail = 1, 1  # C(n, 0)
+    for k in range(1, m + 1):
+        term = term * (n - k + 1) // k
+        tail += term
+    return min(1.0, 2 * tail / 2**n)
+
+
+def paired_comparison(correct_a, correct_b, n_boot: int = 1000, seed: int = 0, level: float = 0.95) -> dict:
+    """A against B on the same test images (boolean "was right" arrays in the same order).
+
+    Returns the accuracy difference A - B, the discordant counts (``a_only``: A right and B wrong; ``b_only``),
+    McNemar's exact p-value and a paired percentile-bootstrap interval of the difference (the same resampled
+    images for both, fixed seed).
+    """
+    a = np.asarray(correct_a, dtype=bool)
+    b = np.asarray(correct_b, dtype=bool)
+    if a.shape != b.shape or a.ndim != 1:
+        raise ValueError(f"paired predictions must be two 1-D arrays of one length, got {a.shape} and {b.shape}")
+    n = len(a)
+    a_only, b_only = int(np.sum(a & ~b)), int(np.sum(~a & b))
+    diff = float((a_only - b_only) / n) if n else 0.0
+    ci = [None, None]
+    if n and n_boot > 0:
+        d = a.astype(np.int8) - b.astype(np.int8)
+        rng = np.random.default_rng(seed)
+        boots = np.array([d[rng.integers(0, n, n)].mean() for _ in range(n_boot)])
+        lo, hi = (1 - level) / 2 * 100, (1 + level) / 2 * 100
+        ci = [float(np.percentile(boots, lo)), float(np.percentile(boots, hi))]
+    return {"n": n, "difference": diff, "difference_ci95": ci, "a_only": a_only, "b_only": b_only,
+            "p_value": mcnemar_exact(a_only, b_only)}

@@ -129,6 +129,7 @@ def _pareto(plt, path, rows, front):
     if len(fr) > 1:
         ax.step([p[0] for p in fr], [p[1] for p in fr], "k--", where="post", lw=1, alpha=0.6)
     ax.set_xscale("log")
+    plain_log_ticks(ax)
     ax.set_xlabel("fit time (s, log scale)")
     ax.set_ylabel("test accuracy")
     handles = [plt.Line2D([], [], marker="o", ls="", color=c, label=lbl) for key, c in COLORS.items()
@@ -139,6 +140,14 @@ def _pareto(plt, path, rows, front):
     _labels(fig, ax, [(max(r["timing"]["fit_seconds"], 1e-4), r["accuracy"], _t(r["label"])) for r in pts])
     ax.legend(handles=handles, loc="best", fontsize=9)  # after the labels, so "best" avoids them too
     return _save(fig, path)
+
+
+def plain_log_ticks(ax):
+    """Log-axis tick labels as plain numbers: mathtext is off (RC), so matplotlib's '10^{1}' would show raw."""
+    from matplotlib.ticker import FuncFormatter, NullFormatter
+
+    ax.xaxis.set_major_formatter(FuncFormatter(lambda v, _pos: f"{v:g}"))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def _labels(fig, ax, points):
