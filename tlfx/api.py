@@ -49,7 +49,7 @@ def _labeled(store: FeatureStore):
 
 def fit(features, head: str, params: dict | None = None, search: bool = False, out: str | None = None, *,
         cv: int = DEFAULT_CV, seed: int = 0, allow_incomplete: bool = False,
-        export_joblib: bool = False, engine: str = "local", address: str | None = None) -> HeadModel:
+        export_joblib: bool = False, engine: str = "local", address: str | None = None, normalize=None) -> HeadModel:
     """Train head ``head`` on the store at ``features`` and return a :class:`~tlfx.head_model.HeadModel`.
 
     ``params`` fix head parameters; ``search`` cross-validates the head's ``param_grid`` (StratifiedKFold with
@@ -57,13 +57,21 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
     and the head's ``random_state``/``seed`` unless ``params`` set them. ``out`` saves the
     model (``export_joblib`` also writes a pickle copy ``<out stem>.joblib``). ``engine="ray"`` fans the
     cross-validation out through joblib's Ray backend (``address`` of a running cluster, or a local one).
+    ``normalize``: the feature normalisation fitted in front of the head on the training rows and saved with it
+    (``none``, ``l2``, ``power``, ``pca-whiten`` or ``pca-whiten:N``; :mod:`tlfx.normalize`); with ``search``,
+    several (``"none,l2,power"`` or a list) are cross-validated like the head's parameters.
     """
     from . import training
     from .heads import check_loadable
+    from .normalize import parse_specs
 
     store = features if isinstance(features, FeatureStore) else FeatureStore(features, allow_incomplete=allow_incomplete)
     params = dict(params or {})
     training.create_seeded_head(head, params, seed)  # unknown parameters -> one line, before any work
+    specs = parse_specs(normalize)
+    if len(specs) > 1 and not search:
+        raise TlfxError(f"--normalize {','.join(specs)} names several methods, which only --search chooses between; "
+                        f"add --search or name one")
     X, y = _labeled(store)
     present = np.unique(y)
     if len(y) == 0:
@@ -74,13 +82,15 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
                         f"needs at least 2 classes")
     extra: dict = {}
     if search:
-        found = training.search(head, X, y, fixed=params, cv=cv, seed=seed, engine=engine, address=address)
+        found = training.search(head, X, y, fixed=params, cv=cv, seed=seed, engine=engine, address=address,
+                                normalize=specs)
         if found is None:
             raise TlfxError(f"head {head!r} has no parameters left to search (its grid is empty or fixed by "
                             f"--param); drop --search")
         extra["search"] = found.record(seed)
         params = {**params, **found.best_params}
-    est, fit_seconds = training.fit_head(head, X, y, params, seed)
+        specs = [found.normalize]
+    est, fit_seconds = training.fit_head(head, X, y, params, seed, normalize=specs[0])
     model = HeadModel.from_estimator(est, head=head, params=params, config=store.config,
                                      class_names=store.class_names, store=store,
                                      extra={**extra, "n_train": int(len(y)), "n_features": int(X.shape[1]),
@@ -118,6 +128,7 @@ def evaluate(model, features, *, trust_types=(), trust_pickle: bool = False, all
     pred = proba.argmax(axis=1)
     rep = classification_report_dict(y[keep], pred[keep], m.class_names or store.class_names)
     rep.update({"model": getattr(m, "path", None), "kind": m.kind, "head": m.meta.get("head"),
+                "normalize": m.meta.get("normalize") or "none",
                 "features": os.path.abspath(store.path), "predict_seconds": seconds})
     return rep
 

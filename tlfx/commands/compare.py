@@ -4,6 +4,7 @@ import click
 
 from ..engines import search_engine_options
 from ..safetext import terminal
+from ._options import normalize_option
 from ._trust import trust_options
 
 
@@ -30,9 +31,10 @@ from ._trust import trust_options
 @trust_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for report.html/.json/.md.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
+@normalize_option
 @search_engine_options
 def compare(train, test, heads, search, folds, baseline, finetune, learning_curve, n_boot, seed, gallery,
-            allow_incomplete, trust_types, trust_pickle, out, quiet, engine, address):
+            allow_incomplete, trust_types, trust_pickle, out, quiet, normalize, engine, address):
     """Compare heads (and a raw-pixel baseline, and fine-tuned models) on the same splits: quality beside cost.
 
     Writes DIR/report.html (one self-contained page), DIR/report.json (every number) and DIR/report.md.
@@ -44,6 +46,7 @@ def compare(train, test, heads, search, folds, baseline, finetune, learning_curv
                    --search --baseline pixels --out report
       tlfx compare --train tr.h5 --test te.h5 --heads svm --finetune ft.tlfx --learning-curve none --out r2
       tlfx compare --train tr.h5 --test te.h5 --search --engine ray --address auto --out r3
+      tlfx compare --train tr.h5 --test te.h5 --heads svm,logistic --search --normalize none,power --out r4
     """
     from ..compare import compare as run
     from ..heads import list_heads
@@ -52,7 +55,7 @@ def compare(train, test, heads, search, folds, baseline, finetune, learning_curv
               finetune=finetune, learning_curve=learning_curve, allow_incomplete=allow_incomplete, n_boot=n_boot,
               seed=seed, gallery=gallery, progress=not quiet,
               trust_types=trust_types, trust_pickle=trust_pickle, engine=engine, address=address,
-              argv=_argv())
+              argv=_argv(), normalize=normalize)
     best = next(r for r in rep["rows"] if r["id"] == rep["best"])
     labels = {r["id"]: terminal(r["label"]) for r in rep["rows"]}  # model names come from other people's files
     width = max(len(v) for v in labels.values())

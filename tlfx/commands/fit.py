@@ -3,6 +3,7 @@
 import click
 
 from ..engines import search_engine_options
+from ._options import normalize_option
 
 
 @click.command()
@@ -19,8 +20,9 @@ from ..engines import search_engine_options
 @click.option("--export-joblib", is_flag=True,
               help="Also write a pickle copy <M stem>.joblib (loads only with --trust-pickle: pickles can run code).")
 @click.option("--allow-incomplete", is_flag=True, help="Train on a store whose extraction has not finished.")
+@normalize_option
 @search_engine_options
-def fit(features, head, params, search, cv, seed, out, export_joblib, allow_incomplete, engine, address):
+def fit(features, head, params, search, cv, seed, out, export_joblib, allow_incomplete, normalize, engine, address):
     """Train a head on the features of a store and save it with the backbone configuration and class names.
 
     \b
@@ -30,6 +32,8 @@ def fit(features, head, params, search, cv, seed, out, export_joblib, allow_inco
       tlfx fit --features train.h5 --head knn --search --cv 5 --out knn.tlfx
       tlfx fit --features train.h5 --head svm --search --engine ray --address auto --out svm.tlfx
       tlfx fit --features train.h5 --head linear --param epochs=50 --param lr=3e-3 --out linear.tlfx
+      tlfx fit --features train.h5 --head svm --normalize power --out svm-power.tlfx
+      tlfx fit --features train.h5 --head logistic --search --normalize none,l2,power,pca-whiten --out lr.tlfx
     """
     from ..api import fit as fit_model
     from ..heads import parse_params
@@ -37,16 +41,19 @@ def fit(features, head, params, search, cv, seed, out, export_joblib, allow_inco
 
     registry("head").get(head)  # unknown head -> one line with the valid choices
     parsed = parse_params(head, params)
-    model = fit_model(features, head, parsed, search=search, out=out, cv=cv, seed=seed,
+    model = fit_model(features, head, parsed, search=search, out=out, cv=cv, seed=seed, normalize=normalize,
                       allow_incomplete=allow_incomplete, export_joblib=export_joblib, engine=engine, address=address)
     meta = model.meta
     s = meta.get("search")
     if s:
         chosen = ", ".join(f"{k}={v!r}" for k, v in s["best_params"].items())
+        if "normalize" in s["grid"]:
+            chosen = ", ".join(x for x in (f"normalize={s['normalize']!r}", chosen) if x)
         click.echo(f"search: {len(s['results'])} settings x {s['cv_folds']} folds in {s['search_seconds']:.1f} s; "
                    f"chosen {chosen}; CV accuracy {s['cv_score']:.4f}")
     shown = ", ".join(f"{k}={v!r}" for k, v in (meta.get("params") or {}).items()) or "defaults"
-    click.echo(f"fit {head} ({shown}) on {meta['n_train']} rows x {meta['n_features']} features "
+    norm = f" after {meta['normalize']} normalisation" if meta.get("normalize", "none") != "none" else ""
+    click.echo(f"fit {head} ({shown}){norm} on {meta['n_train']} rows x {meta['n_features']} features "
                f"in {meta['fit_seconds']:.2f} s -> {out}")
     if getattr(model, "joblib_path", None):
         click.echo(f"pickle export -> {model.joblib_path} (load it only with --trust-pickle)")
