@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 from conftest import run_cli
 from PIL import Image, ImageOps
+from sklearn.utils.estimator_checks import parametrize_with_checks
 
 import tlfx
 from tlfx.errors import TlfxError
-from tlfx.normalize import FeatureNormalizer, parse_specs
+from tlfx.normalize import METHODS, FeatureNormalizer, parse_specs
 
 
 # --------------------------------------------------------------------------------------- hand computations
@@ -56,6 +57,11 @@ def test_pca_whiten_is_fit_on_the_training_rows_only(digits_stores):
     Z = (tr.features.astype(np.float64) - norm.mean_) @ norm.components_.T / np.sqrt(norm.explained_variance_)
     assert np.allclose(np.cov(Z.T), np.eye(32), atol=1e-6)
     assert np.allclose(np.linalg.norm(norm.transform(te.features), axis=1), 1.0, atol=1e-5)
+
+
+@parametrize_with_checks([FeatureNormalizer(m) for m in METHODS])
+def test_feature_normalizer_passes_sklearn_checks(estimator, check):
+    check(estimator)
 
 
 def test_specs_are_validated():

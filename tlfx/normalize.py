@@ -17,6 +17,12 @@ import numpy as np
 from sklearn.base import BaseEstimator, TransformerMixin
 from sklearn.utils.validation import check_is_fitted
 
+try:  # scikit-learn >= 1.6
+    from sklearn.utils.validation import validate_data as _validate_data
+except ImportError:  # pragma: no cover - older scikit-learn
+    def _validate_data(est, X="no_validation", reset=True, **kw):
+        return est._validate_data(X, reset=reset, **kw)
+
 from .errors import TlfxError
 
 METHODS = ("none", "l2", "power", "pca-whiten")
@@ -107,7 +113,7 @@ class FeatureNormalizer(TransformerMixin, BaseEstimator):
     def _fit_pca(self, X):
         n, d = X.shape
         if n < 2:
-            raise ValueError("FeatureNormalizer: pca-whiten needs at least 2 training rows")
+            raise ValueError(f"FeatureNormalizer: pca-whiten needs at least 2 training rows, got n_samples = {n}")
         X64 = X.astype(np.float64, copy=False)
         mean = X64.mean(axis=0)
         if n < d:  # fewer rows than features: the n x n Gram matrix of the centred rows is the smaller problem
@@ -141,19 +147,8 @@ class FeatureNormalizer(TransformerMixin, BaseEstimator):
         self.n_components_ = k
 
     def _validate(self, X, reset):
-        X = np.asarray(X)
-        if X.ndim != 2:
-            raise ValueError(f"FeatureNormalizer: expected a 2-D array [n, d], got shape {X.shape}")
-        if X.dtype not in (np.float32, np.float64):
-            X = X.astype(np.float64)
-        if reset:
-            self.n_features_in_ = X.shape[1]
-        elif X.shape[1] != self.n_features_in_:
-            raise ValueError(f"FeatureNormalizer: X has {X.shape[1]} features, but it was fitted on "
-                             f"{self.n_features_in_}")
-        if not np.isfinite(X).all():
-            raise ValueError("FeatureNormalizer: X holds NaN or infinite values")
-        return X
+        """scikit-learn's own input checks (2-D, finite, real, not sparse, not empty, same width as at fit)."""
+        return _validate_data(self, X, reset=reset, dtype=[np.float64, np.float32])
 
     def transform(self, X):
         """The normalised rows: same number of rows; ``pca-whiten`` gives ``n_components_`` columns."""
@@ -171,11 +166,6 @@ class FeatureNormalizer(TransformerMixin, BaseEstimator):
                 Z[s:s + 8192] = ((X[s:s + 8192].astype(np.float64) - self.mean_) @ self.components_.T) * scale
             X = Z
         return l2_rows(X).astype(dtype, copy=False)
-
-    def __sklearn_tags__(self):
-        tags = super().__sklearn_tags__()
-        tags.requires_fit = True
-        return tags
 
     @property
     def spec(self) -> str:
