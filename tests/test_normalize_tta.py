@@ -197,3 +197,19 @@ def test_store_without_tta_reads_as_none(digits_stores, tmp_path):
     model = tlfx.fit(old, "knn")
     assert model.meta["config"]["tta"] == "none"
     assert tlfx.evaluate(model, tr)["accuracy"] > 0.5  # old and new "none" stores agree
+
+
+def test_compare_searches_the_normalisation_on_the_training_store(digits_stores, tmp_path):
+    from tlfx.compare import compare
+
+    tr, te = digits_stores
+    rep = compare(tr, te, "knn", str(tmp_path / "r"), search=True, folds=3, normalize="none,power",
+                  learning_curve="5,all", n_boot=0, gallery=0)
+    row = rep["rows"][0]
+    assert rep["config"]["normalize"] == ["none", "power"] and row["normalize"] in ("none", "power")
+    assert row["label"] == ("knn" if row["normalize"] == "none" else "knn [power]")
+    model = tlfx.load_model(str(tmp_path / "r" / row["model_file"]))
+    assert model.meta["normalize"] == row["normalize"]
+    assert np.array_equal(model.predict(te), row["predictions"])
+    with pytest.raises(TlfxError, match="add --search"):
+        compare(tr, te, "knn", str(tmp_path / "r2"), normalize="none,power", learning_curve="none")
