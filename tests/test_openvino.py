@@ -87,6 +87,18 @@ def test_in_child_second_build_reuses_the_cache_and_a_damaged_entry_is_rebuilt(c
     np.testing.assert_array_equal(rebuilt(digits_batch), expected)
 
 
+@in_child
+def test_in_child_openvino_tta_flip_is_the_mean_of_both_passes(cache_dir, lite0, digits_batch):
+    import torch
+
+    plain = FeatureComputer(lite0, image_size=SIZE, precision="fp32", device="cpu", runtime="openvino")
+    flip = FeatureComputer(lite0, image_size=SIZE, precision="fp32", device="cpu", runtime="openvino", tta="flip")
+    expected = (plain(digits_batch) + plain(torch.flip(digits_batch, dims=(2,)))) / np.float32(2)
+    np.testing.assert_allclose(flip(digits_batch), expected, rtol=1e-5, atol=1e-5)
+    on_torch = FeatureComputer(lite0, image_size=SIZE, precision="fp32", device="cpu", runtime="torch", tta="flip")
+    np.testing.assert_allclose(flip(digits_batch), on_torch(digits_batch), rtol=1e-3, atol=1e-3)
+
+
 def _ov_store(tmp_path, name="ov.h5", *extra):
     out = tmp_path / name
     proc = run_cli("extract", "--data", "digits", "--split", "test", "--limit", "40", "--image-size", SIZE,

@@ -172,6 +172,20 @@ def test_cli_engine_ray_equals_local_row_for_row(ray_cluster, local_store, tmp_p
 
 @needs_ray
 @pytest.mark.slow
+def test_tta_flip_on_ray_equals_the_local_engine(ray_cluster, tmp_path):
+    common = {**COMMON, "limit": 64}
+    local = tlfx.extract("efficientnet_lite0", "digits", str(tmp_path / "local.h5"), part_size=PART, tta="flip",
+                         **common).path
+    out = tmp_path / "ray.h5"
+    p = run_cli("extract", "--data", "digits", "--split", "train", "--limit", 64, "--image-size", SIZE,
+                "--precision", "fp32", "--tta", "flip", "--out", out, "--quiet", "--engine", "ray", "--address",
+                ray_cluster, "--num-workers", "2", "--part-size", PART)
+    assert p.returncode == 0, p.stderr
+    assert assert_same_store(out, local)["attrs"]["tta"] == "flip"
+
+
+@needs_ray
+@pytest.mark.slow
 @pytest.mark.parametrize("max_restarts", [3, 0], ids=["ray-restarts-the-actor", "driver-requeues-to-survivor"])
 def test_killed_worker_block_is_redone_never_duplicated(ray_cluster, local_store, tmp_path, max_restarts):
     """SIGKILL one worker process right after its first block: the block it was running is redone, once."""

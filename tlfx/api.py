@@ -50,7 +50,7 @@ def _labeled(store: FeatureStore):
 def fit(features, head: str, params: dict | None = None, search: bool = False, out: str | None = None, *,
         cv: int = DEFAULT_CV, seed: int = 0, allow_incomplete: bool = False,
         export_joblib: bool = False, engine: str = "local", address: str | None = None,
-        stream: bool | None = None, chunk_rows: int | None = None) -> HeadModel:
+        stream: bool | None = None, chunk_rows: int | None = None, normalize=None) -> HeadModel:
     """Train head ``head`` on the store at ``features`` and return a :class:`~tlfx.head_model.HeadModel`.
 
     ``params`` fix head parameters; ``search`` cross-validates the head's ``param_grid`` (StratifiedKFold with
@@ -60,17 +60,28 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
     cross-validation out through joblib's Ray backend (``address`` of a running cluster, or a local one).
     ``stream``: train a head that can (``linear``, ``sgd``) by reading the store ``chunk_rows`` rows at a time
     instead of loading it; None decides by size (:func:`tlfx.training.use_streaming`).
+    ``normalize``: the feature normalisation fitted in front of the head on the training rows and saved with it
+    (``none``, ``l2``, ``power``, ``pca-whiten`` or ``pca-whiten:N``; :mod:`tlfx.normalize`); with ``search``,
+    several (``"none,l2,power"`` or a list) are cross-validated like the head's parameters.
     """
     from . import training
     from .heads import check_loadable
+    from .normalize import parse_specs
     from .streaming import default_chunk_rows
 
     store = features if isinstance(features, FeatureStore) else FeatureStore(features, allow_incomplete=allow_incomplete)
     params = dict(params or {})
     probe = training.create_seeded_head(head, params, seed)  # unknown parameters -> one line, before any work
+    specs = parse_specs(normalize)
+    if len(specs) > 1 and not search:
+        raise TlfxError(f"--normalize {','.join(specs)} names several methods, which only --search chooses between; "
+                        f"add --search or name one")
     if chunk_rows is not None and chunk_rows < 1:
         raise TlfxError(f"chunk_rows = {chunk_rows} must be at least 1 (rows read at a time)")
-    streamed = training.use_streaming(head, probe, store, stream, search)
+    if stream and specs != ["none"]:
+        raise TlfxError(f"--stream cannot be combined with --normalize {','.join(specs)} (the normalisation is "
+                        f"fitted in memory); drop one of them")
+    streamed = specs == ["none"] and training.use_streaming(head, probe, store, stream, search)
     if streamed:  # labels only (8 bytes a row): the head reads the features chunk by chunk
         y = store.labels
         y = y[y >= 0]
@@ -86,18 +97,20 @@ def fit(features, head: str, params: dict | None = None, search: bool = False, o
                         f"needs at least 2 classes")
     extra: dict = {}
     if search:
-        found = training.search(head, X, y, fixed=params, cv=cv, seed=seed, engine=engine, address=address)
+        found = training.search(head, X, y, fixed=params, cv=cv, seed=seed, engine=engine, address=address,
+                                normalize=specs)
         if found is None:
             raise TlfxError(f"head {head!r} has no parameters left to search (its grid is empty or fixed by "
                             f"--param); drop --search")
         extra["search"] = found.record(seed)
         params = {**params, **found.best_params}
+        specs = [found.normalize]
     if streamed:
         est, fit_seconds = training.fit_head_store(head, store, params, seed, chunk_rows)
         extra["streamed"] = {"chunk_rows": int(chunk_rows or default_chunk_rows(int(est.n_features_in_)))}
         n_features = int(est.n_features_in_)
     else:
-        est, fit_seconds = training.fit_head(head, X, y, params, seed)
+        est, fit_seconds = training.fit_head(head, X, y, params, seed, normalize=specs[0])
         n_features = int(X.shape[1])
     model = HeadModel.from_estimator(est, head=head, params=params, config=store.config,
                                      class_names=store.class_names, store=store,
@@ -136,6 +149,7 @@ def evaluate(model, features, *, trust_types=(), trust_pickle: bool = False, all
     pred = proba.argmax(axis=1)
     rep = classification_report_dict(y[keep], pred[keep], m.class_names or store.class_names)
     rep.update({"model": getattr(m, "path", None), "kind": m.kind, "head": m.meta.get("head"),
+                "normalize": m.meta.get("normalize") or "none",
                 "features": os.path.abspath(store.path), "predict_seconds": seconds})
     return rep
 

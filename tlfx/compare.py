@@ -177,8 +177,10 @@ def _predict(est, X):
 
 def _json_params(est) -> dict:
     """Every parameter the fitted head ran with (defaults included), JSON-safe."""
+    from .normalize import split
+
     out = {}
-    for k, v in sorted(est.get_params(deep=False).items()):
+    for k, v in sorted(split(est)[0].get_params(deep=False).items()):
         v = plain(v)
         out[k] = v if v is None or isinstance(v, (bool, int, float, str)) else repr(v)
     return out
@@ -260,15 +262,22 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
             baseline: str | None = None, finetune=(), learning_curve=DEFAULT_CURVE, allow_incomplete: bool = False,
             n_boot: int = 1000, seed: int = 0, gallery: int = 24, progress: bool = False,
             trust_types=(), trust_pickle: bool = False, engine: str = "local", address: str | None = None,
-            argv: list | None = None) -> dict:
+            argv: list | None = None, normalize=None) -> dict:
     """Fit every head on ``train``, score it once on ``test``, and write report.html/.json/.md into ``out``.
 
+    ``normalize``: the feature normalisation in front of every head (:mod:`tlfx.normalize`); with ``search``,
+    several (``"none,l2,power"``) are cross-validated on the training store like the heads' parameters.
     Returns the report dictionary (what ``report.json`` holds).
     """
+    from .normalize import parse_specs
     from .report import write_reports
 
     t_start = time.perf_counter()
     head_names = parse_heads(heads)
+    norms = parse_specs(normalize)
+    if len(norms) > 1 and not search:
+        raise TlfxError(f"--normalize {','.join(norms)} names several methods, which only --search chooses between; "
+                        f"add --search or name one")
     points = parse_curve(learning_curve)
     if folds < 2:
         raise TlfxError(f"--cv must be at least 2 folds, got {folds}")
@@ -328,10 +337,11 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
         for set_kind, set_label, s_tr, s_te in feature_sets:
             for name in head_names:
                 row = _head_row(set_kind, set_label, name, s_tr, s_te, k, search, folds, seed, n_boot, out, prog,
-                                engine, address)
+                                engine, address, norms)
                 rows.append(row)
                 if points:
-                    curves.append(_curve(set_kind, set_label, name, s_tr, s_te, points, row, search, seed, prog))
+                    curves.append(_curve(set_kind, set_label, name, s_tr, s_te, points, row, search, seed, prog,
+                                         row["normalize"]))
         for path in finetune:
             rows.append(_model_row(path, te_store, k, n_boot, seed, (trust_types, trust_pickle), prog))
 
@@ -343,6 +353,7 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
             "config": {
                 "train": os.path.abspath(train), "test": os.path.abspath(test), "heads": head_names,
                 "search": bool(search), "cv_folds": folds, "search_engine": engine, "baseline": baseline,
+                "normalize": norms,
                 "finetune": [os.path.abspath(p) for p in finetune],
                 "learning_curve": points, "bootstrap_resamples": n_boot, "ci_level": 0.95, "seed": seed,
                 "allow_incomplete": bool(allow_incomplete), "backbone_config": tr_store.config,
@@ -429,17 +440,20 @@ def _extract_baseline_split(name: str, st: FeatureStore, what: str, out: str, pr
 
 
 def _head_row(set_kind, set_label, name, s_tr: Split, s_te: Split, k, search, folds, seed, n_boot, out, prog,
-              engine="local", address=None):
+              engine="local", address=None, norms=("none",)):
     params, cv_score, search_s, n_folds = {}, None, 0.0, 0
+    normalize = norms[0]
     warn: list = []
     if search:
         prog.step(f"{name} on {set_label.split(' ')[0]}: CV search")
-        found = training.search(name, s_tr.X, s_tr.y, cv=folds, seed=seed, engine=engine, address=address, warn=warn)
+        found = training.search(name, s_tr.X, s_tr.y, cv=folds, seed=seed, engine=engine, address=address, warn=warn,
+                                normalize=list(norms))
         if found is not None:
             params, cv_score, search_s, n_folds = found.best_params, found.cv_score, found.seconds, found.folds
+            normalize = found.normalize
         prog.done()
     prog.step(f"{name} on {set_label.split(' ')[0]}: fit + test")
-    est, fit_s = fit_head(name, s_tr.X, s_tr.y, params, seed, warn)
+    est, fit_s = fit_head(name, s_tr.X, s_tr.y, params, seed, warn, normalize=normalize)
     with collect_warnings(warn):
         t0 = time.perf_counter()
         pred = _predict(est, s_te.X)
@@ -449,11 +463,13 @@ def _head_row(set_kind, set_label, name, s_tr: Split, s_te: Split, k, search, fo
     size = save_head(est, name, params, s_tr.store, model_path, {"train_seconds": fit_s, "cv_score": cv_score})
     row = {
         "id": row_id,
-        "label": name if set_kind == "main" else f"{name} (baseline: {set_label.split(' ')[0]})",
+        "label": (name if normalize == "none" else f"{name} [{normalize}]")
+        + ("" if set_kind == "main" else f" (baseline: {set_label.split(' ')[0]})"),
         "kind": "head" if set_kind == "main" else "baseline",
         "features": set_kind,
         "feature_label": set_label,
         "head": name,
+        "normalize": normalize,
         "params": {key: plain(v) for key, v in params.items()},
         "effective_params": _json_params(est),
         "cv": {"accuracy": cv_score, "folds": n_folds} if search else None,
@@ -470,7 +486,7 @@ def _head_row(set_kind, set_label, name, s_tr: Split, s_te: Split, k, search, fo
     return row
 
 
-def _curve(set_kind, set_label, name, s_tr: Split, s_te: Split, points, row, search, seed, prog):
+def _curve(set_kind, set_label, name, s_tr: Split, s_te: Split, points, row, search, seed, prog, normalize="none"):
     """Test accuracy of the head (default parameters) trained on k examples per class, for each k."""
     counts = np.bincount(s_tr.y)
     largest = int(counts.max()) if len(counts) else 0
@@ -499,7 +515,7 @@ def _curve(set_kind, set_label, name, s_tr: Split, s_te: Split, points, row, sea
                 n_nb = create_head(name).get_params().get("n_neighbors")
                 if isinstance(n_nb, int) and n_nb > len(ys):
                     params["n_neighbors"] = len(ys)  # kNN cannot ask for more neighbours than examples
-                est, _ = fit_head(name, Xs, ys, params, seed, warn)
+                est, _ = fit_head(name, Xs, ys, params, seed, warn, normalize=normalize)
                 with collect_warnings(warn):
                     acc = float(np.mean(_predict(est, s_te.X) == s_te.y))
             except Exception as exc:  # a head that cannot learn from so few examples is a point, not a failure

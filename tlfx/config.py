@@ -11,8 +11,9 @@ from dataclasses import asdict, dataclass, fields
 
 # what must agree between a model and its inputs. ``precision`` is recorded but only compared exactly when resuming
 # a store (bf16 and fp32 features of one network agree to 0.01 accuracy points, docs/performance.md); INT8 is
-# another network (quantized weights and activations) and always counts, as does OpenVINO vs torch.
-COMPARED = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess", "runtime")
+# another network (quantized weights and activations) and always counts, as does OpenVINO vs torch. ``tta`` (test-time
+# augmentation: ``flip`` averages the features of each image and its mirror) makes other features, so it counts too.
+COMPARED = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess", "runtime", "tta")
 RESUME = (*COMPARED, "precision")
 
 
@@ -28,6 +29,7 @@ class FeatureConfig:
     preprocess: dict | None = None
     precision: str | None = None
     runtime: str | None = None  # torch or openvino; None (records older than the OpenVINO runtime) means torch
+    tta: str | None = None  # test-time augmentation: none or flip; None (records older than TTA) means none
 
     @classmethod
     def from_dict(cls, d: dict | None) -> FeatureConfig:
@@ -43,6 +45,7 @@ class FeatureConfig:
             preprocess=dict(d["preprocess"]) if isinstance(d.get("preprocess"), dict) else None,
             precision=d.get("precision"),
             runtime=d.get("runtime"),
+            tta=d.get("tta"),
         )
 
     def to_dict(self) -> dict:
@@ -52,15 +55,17 @@ class FeatureConfig:
         return d
 
     def _value(self, key: str):
-        return (self.runtime or "torch") if key == "runtime" else getattr(self, key)
+        if key in DEFAULTS:
+            return getattr(self, key) or DEFAULTS[key]
+        return getattr(self, key)
 
     @staticmethod
     def _same(key: str, a, b) -> bool:
         if key == "weights":  # the file's name and content decide; where it lies does not
             a, b = a or {}, b or {}
             return (a.get("name"), a.get("sha256") or "") == (b.get("name"), b.get("sha256") or "")
-        if key == "runtime":
-            return (a or "torch") == (b or "torch")
+        if key in DEFAULTS:
+            return (a or DEFAULTS[key]) == (b or DEFAULTS[key])
         if key == "int8":
             return (a == "int8") == (b == "int8")
         return json.dumps(a, sort_keys=True, default=str) == json.dumps(b, sort_keys=True, default=str)
@@ -74,6 +79,10 @@ class FeatureConfig:
         if not self._same("precision" if "precision" in keys else "int8", self.precision, other.precision):
             out.append(f"precision: {left}{_show(self.precision)} vs {right}{_show(other.precision)}")
         return out
+
+
+# what a record without the field means (it was written before the field existed)
+DEFAULTS = {"runtime": "torch", "tta": "none"}
 
 
 def _show(v) -> str:
@@ -91,6 +100,7 @@ FIELDS = tuple(f.name for f in fields(FeatureConfig))
 DTYPES = ("float32", "float16")
 POOLINGS = ("avg", "max")
 RUNTIMES = ("auto", "torch", "openvino")
+TTAS = ("none", "flip")  # test-time augmentation at extraction: flip averages an image's and its mirror's features
 IMAGE_SIZES = (16, 2048)  # --image-size: smaller leaves no feature map; larger needs tens of GB per batch
 
 
@@ -119,6 +129,7 @@ class ExtractOptions:
     runtime: str = "torch"  # the Python API's default; the command line's is auto (OpenVINO on a CPU when installed)
     device: str | None = None
     dtype: str = "float32"
+    tta: str = "none"
     part_size: int | None = None
     overwrite: bool = False
     update: bool = False  # bring a complete store up to date with a changed image folder (tlfx.update)
@@ -134,6 +145,8 @@ class ExtractOptions:
             raise TlfxError(f"unknown dtype {self.dtype!r}; valid choices: {', '.join(DTYPES)}")
         if self.runtime not in RUNTIMES:
             raise TlfxError(f"unknown runtime {self.runtime!r}; valid choices: {', '.join(RUNTIMES)}")
+        if self.tta not in TTAS:
+            raise TlfxError(f"unknown tta {self.tta!r}; valid choices: {', '.join(TTAS)}")
         if self.pooling not in POOLINGS:
             raise TlfxError(f"unknown pooling {self.pooling!r}; valid choices: {', '.join(POOLINGS)}")
         if self.batch_size < 1:

@@ -101,8 +101,9 @@ class Embedder(TransformerMixin, BaseEstimator):
 
     Parameters are those of ``tlfx extract``: ``backbone``, ``layers`` (``penultimate``, ``multi``, ``a,b``),
     ``pooling``, ``image_size``, ``weights`` (a local file), ``precision``, ``runtime``, ``device``,
-    ``batch_size``. ``cache``: a feature store (``tlfx extract`` output, same configuration) whose rows are
-    returned for the image files it holds, matched by absolute path; only the other inputs run the network.
+    ``batch_size``, ``tta`` (``flip``: the mean of each image's and its mirror's features). ``cache``: a feature
+    store (``tlfx extract`` output, same configuration) whose rows are returned for the image files it holds,
+    matched by absolute path; only the other inputs run the network.
 
     ``fit`` builds nothing: the network is built on the first ``transform`` and kept out of ``get_params`` and
     out of pickles, so ``clone``, grid search and ``pickle`` stay cheap. An input that cannot be read raises a
@@ -110,7 +111,7 @@ class Embedder(TransformerMixin, BaseEstimator):
     """
 
     def __init__(self, backbone="efficientnet_lite0", *, layers="penultimate", pooling="avg", image_size=None,
-                 weights=None, precision="auto", runtime="torch", device=None, batch_size=32, cache=None):
+                 weights=None, precision="auto", runtime="torch", device=None, batch_size=32, cache=None, tta="none"):
         self.backbone = backbone
         self.layers = layers
         self.pooling = pooling
@@ -121,6 +122,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         self.device = device
         self.batch_size = batch_size
         self.cache = cache
+        self.tta = tta
 
     # ------------------------------------------------------------------------------------ scikit-learn
     def __sklearn_tags__(self):
@@ -189,7 +191,7 @@ class Embedder(TransformerMixin, BaseEstimator):
             raise TlfxError(f"batch_size must be a whole number, got {self.batch_size!r}") from None
         ExtractOptions(backbone=self.backbone, layers=self.layers, pooling=self.pooling, image_size=self.image_size,
                        weights=self.weights, batch_size=bs, precision=self.precision, runtime=self.runtime,
-                       device=self.device).validate()
+                       device=self.device, tta=self.tta).validate()
 
     def _key(self):
         return tuple(repr(v) for v in self.get_params(deep=False).values())
@@ -204,7 +206,7 @@ class Embedder(TransformerMixin, BaseEstimator):
             self._check_params()
             bb = self.backbone if isinstance(self.backbone, Backbone) else create_backbone(self.backbone, self.weights)
             self._computer = FeatureComputer(bb, self.layers, self.pooling, self.image_size, self.precision,
-                                             self.device, runtime=self.runtime)
+                                             self.device, runtime=self.runtime, tta=self.tta)
             self._built_with = self._key()
             self.__dict__.pop("_dim", None)
             self.__dict__.pop("_cache_rows", None)
@@ -214,7 +216,7 @@ class Embedder(TransformerMixin, BaseEstimator):
         """The feature configuration these features have (the keys stores and model files record)."""
         c = self.computer()
         return {**c.backbone.config(c.layers, self.pooling, self.image_size), "runtime": c.runtime,
-                "precision": c.precision}
+                "precision": c.precision, "tta": c.tta}
 
     def _compute(self, items: list, positions: list[int]) -> np.ndarray:
         c = self.computer()

@@ -15,7 +15,7 @@ import torch
 
 from .backbone import Backbone, PooledLayers, create_backbone
 from .bn_folding import fold_batchnorm as fold_bn
-from .config import DTYPES, IMAGE_SIZES, ExtractOptions  # noqa: F401  (DTYPES, IMAGE_SIZES: re-exported)
+from .config import DTYPES, IMAGE_SIZES, TTAS, ExtractOptions  # noqa: F401  (DTYPES, IMAGE_SIZES: re-exported)
 from .datasets import ImageDataset, load_dataset
 from .errors import TlfxError
 from .models import check_config, no_network
@@ -34,13 +34,19 @@ class FeatureComputer:
     :func:`tlfx.runtime.resolve_precision`), channels_last, under ``torch.inference_mode``; features come back
     float32 whatever the compute precision. Batch norms that directly follow a convolution are folded into it
     (:mod:`tlfx.bn_folding`; on a copy, so ``backbone`` itself is not changed). ``compile=True`` wraps the network in
-    ``torch.compile`` (minutes of compilation on a small CPU; see docs/performance.md).
+    ``torch.compile`` (minutes of compilation on a small CPU; see docs/performance.md). ``tta="flip"``: each
+    image's features are the mean of those of the image and of its horizontal mirror (the preprocessed crop
+    mirrored, the network run on both, the pooled features averaged), on either runtime.
     """
 
     def __init__(self, backbone: Backbone, layers="penultimate", pooling="avg", image_size=None,
-                 precision="auto", device=None, compile=False, fold_batchnorm=True, runtime="torch", calibration=None):
+                 precision="auto", device=None, compile=False, fold_batchnorm=True, runtime="torch", calibration=None,
+                 tta="none"):
         from .openvino_runtime import resolve_runtime
 
+        if tta not in TTAS:
+            raise TlfxError(f"unknown tta {tta!r}; valid choices: {', '.join(TTAS)}")
+        self.tta = tta
         self.backbone = backbone
         self.device = pick_device(device)
         self.runtime = resolve_runtime(runtime, self.device, precision)
@@ -123,21 +129,32 @@ class FeatureComputer:
         layers, pooling, size = config.get("layers") or "penultimate", config.get("pooling") or "avg", config.get("image_size")
         precision = config.get("precision") or "auto"
         runtime = config.get("runtime") or "torch"  # the same runtime the features were made with (never mixed)
+        tta = config.get("tta") or "none"  # and the same test-time augmentation
+        if tta not in TTAS:
+            raise TlfxError(f"the model records tta {terminal(str(tta))[:40]!r}, which this tlfx does not know "
+                            f"(valid: {', '.join(TTAS)}); upgrade tlfx or fit the head again")
         # the same check evaluate makes against a store: the backbone as rebuilt here must make the same features
-        rebuilt = {**bb.config(layers, pooling, size), "runtime": runtime, "precision": precision}
+        rebuilt = {**bb.config(layers, pooling, size), "runtime": runtime, "precision": precision, "tta": tta}
         check_config(config, rebuilt, f"backbone {name!r} as installed here",
                      "install the backbone (plugin) version the model was made with, or fit the head again on its features")
         if runtime == "openvino" and device in (None, "auto"):
             device = "cpu"
         try:
-            return cls(bb, layers, pooling, size, precision, device, runtime=runtime)
+            return cls(bb, layers, pooling, size, precision, device, runtime=runtime, tta=tta)
         except TlfxError:  # e.g. a bf16 model on a machine without bf16: same weights, fp32 is the safe choice
             if precision == "int8" or runtime != "torch":  # another precision would silently be another network
                 raise
-            return cls(bb, layers, pooling, size, "fp32", device)
+            return cls(bb, layers, pooling, size, "fp32", device, tta=tta)
 
     def __call__(self, batch_uint8_nhwc: torch.Tensor) -> np.ndarray:
-        """Features (float32 ``[N, D]``) of a uint8 ``[N, H, W, 3]`` batch already resized and cropped."""
+        """Features (float32 ``[N, D]``) of a uint8 ``[N, H, W, 3]`` batch already resized and cropped; with
+        ``tta="flip"`` the mean of the batch's and its mirror's features."""
+        if self.tta == "flip":
+            mirrored = torch.flip(batch_uint8_nhwc, dims=(2,))  # W of NHWC
+            return (self._features(batch_uint8_nhwc) + self._features(mirrored)) / np.float32(2)
+        return self._features(batch_uint8_nhwc)
+
+    def _features(self, batch_uint8_nhwc: torch.Tensor) -> np.ndarray:
         if self._openvino is not None:
             return self._openvino(batch_uint8_nhwc)
         n = len(batch_uint8_nhwc)
@@ -294,9 +311,9 @@ def run_extraction(opts: ExtractOptions) -> ExtractResult:
                         f"listing the dataset); fix or remove it, then run again")
     bb = o.backbone if isinstance(o.backbone, Backbone) else create_backbone(o.backbone, o.weights)
     computer = FeatureComputer(bb, o.layers, o.pooling, o.image_size, o.precision, o.device, o.compile,
-                               runtime=o.runtime, calibration=ds)
+                               runtime=o.runtime, calibration=ds, tta=o.tta)
     part_size = o.part_size or max(o.batch_size, (2048 // o.batch_size) * o.batch_size)
-    config = {**bb.config(computer.layers, o.pooling, o.image_size), "runtime": computer.runtime}
+    config = {**bb.config(computer.layers, o.pooling, o.image_size), "runtime": computer.runtime, "tta": computer.tta}
     if computer.calibration:
         config["calibration"] = computer.calibration
     attrs = store_attributes(ds, config, computer.precision, o.dtype, o.root, o.limit, part_size)

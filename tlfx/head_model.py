@@ -24,7 +24,8 @@ from .models import Model, Trust, register_model_kind, write_atomically
 
 HEAD_MEMBER = "head.skops"
 # scikit-learn types the heads use that skops does not trust by default, but rebuilds from plain arrays only
-EXTRA_TRUSTED = ("sklearn.tree._tree.Tree",)
+# and tlfx's own feature normaliser (numpy arrays and plain values only), which may sit in front of any head
+EXTRA_TRUSTED = ("sklearn.tree._tree.Tree", "tlfx.normalize.FeatureNormalizer")
 # the skops member is itself a zip (schema.json + one .npy per array): bound what it may unpack to
 MAX_SKOPS_MEMBERS = 100_000
 MAX_SKOPS_BYTES = _models.MAX_MEMBER_BYTES
@@ -43,13 +44,20 @@ class HeadModel(Model):
     @classmethod
     def from_estimator(cls, est, head: str, params: dict, config: dict, class_names, extra: dict | None = None,
                        store=None) -> HeadModel:
-        """Wrap a fitted head with its record: head name, parameters, backbone config, class names (+ ``extra``)."""
+        """Wrap a fitted head with its record: head name, parameters, backbone config, class names (+ ``extra``).
+
+        A head behind a feature normalisation (a :func:`tlfx.normalize.with_normalizer` Pipeline) records the
+        head's own parameters and ``normalize`` (``"power"``, ``"pca-whiten:128"``; ``"none"`` otherwise)."""
+        from .normalize import split
+
+        head_est, normalize = split(est)
         meta = {
             "kind": cls.kind,
             "name": head,
             "head": head,
             "params": {k: _plain(v) for k, v in (params or {}).items()},
-            "all_params": {k: _plain(v) for k, v in est.get_params(deep=False).items()},
+            "all_params": {k: _plain(v) for k, v in head_est.get_params(deep=False).items()},
+            "normalize": normalize,
             "class_names": list(class_names),
             "config": FeatureConfig.from_dict(config).to_dict(),
             "created": time.strftime("%Y-%m-%dT%H:%M:%S"),

@@ -396,6 +396,7 @@ def check_config_record(path: str, config: dict, prefix: str = "config"):
         raise bad_record(path, f"field {prefix}.layers is {_short(layers)}, not a list of layer names")
     check_field(path, f"{prefix}.pooling", config.get("pooling"), (str,))
     check_field(path, f"{prefix}.precision", config.get("precision"), (str,))
+    check_field(path, f"{prefix}.tta", config.get("tta"), (str,))
     check_pixels(path, f"{prefix}.image_size", config.get("image_size"))
     check_preprocess(path, f"{prefix}.preprocess", config.get("preprocess"), complete=False)
 
@@ -475,7 +476,8 @@ def check_config(model_config: dict, other_config: dict, what: str, fix: str = "
 
     ``what`` names the other side ("store 't.h5'", "the backbone as installed here"); ``fix`` says what to do.
     """
-    recorded = [k for k in COMPARED if (model_config or {}).get(k) is not None]  # older files record less
+    # older files record less; a missing tta means none (made before TTA), so it is always compared
+    recorded = [k for k in COMPARED if (model_config or {}).get(k) is not None or k == "tta"]
     detail = config_differences(model_config, other_config, keys=recorded)
     if detail:
         raise TlfxError(f"{what} was made with another backbone configuration than the model ({detail}); {fix}")

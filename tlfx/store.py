@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .config import RESUME, FeatureConfig
+from .config import DEFAULTS, RESUME, FeatureConfig
 from .errors import TlfxError
 from .safetext import terminal
 
@@ -49,7 +49,7 @@ _KINDS = {
     "format_version": int, "image_size": int, "n_items": int, "n": int, "dim": int, "limit": int, "part_size": int,
     "complete": bool,
     "tlfx_version": str, "backbone": str, "pooling": str, "precision": str, "dtype": str, "dataset": str, "split": str,
-    "data_root": str, "dataset_fingerprint": str, "created": str, "runtime": str, "updated_from": str,
+    "data_root": str, "dataset_fingerprint": str, "created": str, "runtime": str, "updated_from": str, "tta": str,
     "weights": dict, "preprocess": dict, "stats": dict, "layers": list, "class_names": list, "calibration": dict,
 }
 
@@ -286,8 +286,8 @@ _KIND_NAMES = {int: "an integer", bool: "true or false", str: "a string", dict: 
 
 
 def config_of(attrs: dict) -> dict:
-    # stores made before the OpenVINO runtime existed were all made with torch
-    return {k: attrs.get(k, "torch" if k == "runtime" else None) for k in CONFIG_KEYS}
+    # stores made before the OpenVINO runtime existed were all made with torch, before TTA without it
+    return {k: attrs.get(k, DEFAULTS.get(k)) for k in CONFIG_KEYS}
 
 
 def config_diff(existing: dict, new: dict) -> list[str]:
@@ -842,7 +842,8 @@ class FeatureStore:
         pre = a.get("preprocess") or {}
         lines += [
             f"  backbone    {t(a.get('backbone'))}  weights {t(w.get('name'))} (sha256 {t(str(w.get('sha256', ''))[:16])})",
-            f"  layers      {t(', '.join(a.get('layers') or []))}  pooling {t(a.get('pooling'))}",
+            f"  layers      {t(', '.join(a.get('layers') or []))}  pooling {t(a.get('pooling'))}"
+            + (f"  tta {t(a.get('tta'))}" if a.get("tta", "none") != "none" else ""),
             f"  image       {a.get('image_size')} px (resize {t(pre.get('resize'))}, {t(pre.get('interpolation'))}, "
             f"mean {t(pre.get('mean'))}, std {t(pre.get('std'))})",
             f"  dataset     {t(a.get('dataset'))} split {t(a.get('split'))}  ({a.get('n_items')} items, fingerprint "

@@ -195,7 +195,7 @@ def _stderr(text: str):
 def sweep(data: str, backbones, layers, heads, out: str, *, cache: str | None = None, opts: SweepOptions | None = None,
           search: bool = False, folds: int = 3, learning_curve=DEFAULT_CURVE, n_boot: int = 1000, seed: int = 0,
           gallery: int = 24, progress: bool = False, log=_stderr, engine: str = "local", address: str | None = None,
-          argv: list | None = None) -> dict:
+          argv: list | None = None, normalize=None) -> dict:
     """Extract what is missing, compare ``heads`` on every backbone x layers configuration, write one report.
 
     Writes ``out/report.html``, ``report.json`` and ``report.md`` (the merged grid), ``out/configs/<config>/`` (each
@@ -261,7 +261,7 @@ def sweep(data: str, backbones, layers, heads, out: str, *, cache: str | None = 
             rep = compare(cfg["stores"]["train"]["path"], cfg["stores"]["test"]["path"], head_names,
                           os.path.join(out, "configs", slug), search=search, folds=folds,
                           learning_curve=learning_curve, n_boot=n_boot, seed=seed, gallery=gallery, progress=False,
-                          engine=engine, address=address, argv=argv)
+                          engine=engine, address=address, argv=argv, normalize=normalize)
             per_config[slug] = rep
             configs.append(cfg)
         del bb

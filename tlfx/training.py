@@ -87,33 +87,41 @@ class SearchResult:
     folds: int
     grid: dict
     results: list = field(default_factory=list)
+    normalize: str = "none"  # the chosen feature normalisation (tlfx.normalize); a grid dimension when several
 
     def record(self, seed: int) -> dict:
         """The JSON record kept in model files and reports."""
         return {"grid": {k: [plain(x) for x in v] for k, v in self.grid.items()}, "cv_folds": self.folds,
                 "cv_score": self.cv_score, "best_params": self.best_params, "seed": seed,
-                "search_seconds": self.seconds, "results": self.results}
+                "search_seconds": self.seconds, "results": self.results, "normalize": self.normalize}
 
 
 def search(name: str, X, y, *, fixed: dict | None = None, cv: int = 5, seed: int = 0, engine: str = "local",
-           address: str | None = None, warn: list | None = None) -> SearchResult | None:
+           address: str | None = None, warn: list | None = None, normalize=None) -> SearchResult | None:
     """Grid-search head ``name``'s ``param_grid`` (minus the parameters in ``fixed``) with stratified ``cv``-fold
     CV on ``X, y``; None when nothing is left to search. A setting that fails to fit scores NaN and is reported in
-    ``warn``; when every setting fails, the first failure is raised as one line."""
+    ``warn``; when every setting fails, the first failure is raised as one line.
+
+    ``normalize``: a feature normalisation (:mod:`tlfx.normalize`) fitted in front of the head within each fold,
+    or several (``"none,l2,power"`` or a list), which become one more grid dimension."""
     from sklearn.model_selection import GridSearchCV, StratifiedKFold
 
+    from . import normalize as nz
     from .engines import search_backend
     from .heads import param_grid
 
     fixed = dict(fixed or {})
-    grid = {k: v for k, v in param_grid(name).items() if k not in fixed}
+    specs = nz.parse_specs(normalize)
+    head_grid = {k: v for k, v in param_grid(name).items() if k not in fixed}
+    est, prefix, norm_grid = nz.searchable(create_seeded_head(name, fixed, seed), specs)
+    grid = {**{prefix + k: v for k, v in head_grid.items()}, **norm_grid}
     if not grid:
         return None
     folds = cv_folds(y, cv)
     t0 = time.perf_counter()
     reseed_globals(seed)
     # n_jobs unset: one process locally, every CPU of the cluster with --engine ray (joblib backend)
-    gs = GridSearchCV(create_seeded_head(name, fixed, seed), grid, scoring="accuracy", refit=False,
+    gs = GridSearchCV(est, grid, scoring="accuracy", refit=False,
                       cv=StratifiedKFold(folds, shuffle=True, random_state=seed), error_score=np.nan)
     failures: list = []
     with collect_warnings(failures), search_backend(engine, address):
@@ -124,17 +132,28 @@ def search(name: str, X, y, *, fixed: dict | None = None, cv: int = 5, seed: int
     if not np.isfinite(means).any():
         why = next((w for w in failures if "FitFailed" in w), "every setting failed to fit")
         raise TlfxError(f"head {name!r}: every setting of the --search grid failed to fit ({why}); check --param")
-    best = {k: plain(v) for k, v in gs.best_params_.items()}
-    results = [{"params": {k: plain(v) for k, v in p.items()}, "mean": float(m), "std": float(s)}
+    def shown(p: dict) -> dict:  # the head's own parameter names; the normalisation as its spec string
+        return {(k[len(prefix):] if k.startswith(prefix) else k): (nz.spec_value(v) if norm_grid and k == nz.STEP else plain(v))
+                for k, v in p.items()}
+
+    best = shown(gs.best_params_)
+    chosen = best.pop(nz.STEP, specs[0])
+    results = [{"params": shown(p), "mean": float(m), "std": float(s)}
                for p, m, s in zip(gs.cv_results_["params"], means, gs.cv_results_["std_test_score"])]
-    return SearchResult(best, float(gs.best_score_), time.perf_counter() - t0, folds, grid, results)
+    shown_grid = {**head_grid, **({nz.STEP: specs} if norm_grid else {})}
+    return SearchResult(best, float(gs.best_score_), time.perf_counter() - t0, folds, shown_grid, results, chosen)
 
 
-def fit_head(name: str, X, y, params: dict | None = None, seed: int = 0, warn: list | None = None):
+def fit_head(name: str, X, y, params: dict | None = None, seed: int = 0, warn: list | None = None,
+             normalize: str | None = None):
     """A fresh head ``name`` with ``params`` (seeded) fitted on ``X, y``; returns ``(estimator, fit seconds)``.
 
-    A head that refuses its parameters or data (ValueError/TypeError) becomes one line naming the head."""
-    est = create_seeded_head(name, params, seed)
+    ``normalize``: a feature normalisation fitted on ``X`` in front of the head (:func:`tlfx.normalize.with_normalizer`:
+    the estimator is then a Pipeline ``normalize`` -> ``head``). A head that refuses its parameters or data
+    (ValueError/TypeError) becomes one line naming the head."""
+    from .normalize import with_normalizer
+
+    est = with_normalizer(create_seeded_head(name, params, seed), normalize)
     reseed_globals(seed)
     try:
         with collect_warnings(warn):

@@ -48,3 +48,14 @@ def extraction_runtime_option(f):
     return click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True, envvar="TLFX_RUNTIME",
                         help="auto: OpenVINO on a CPU when installed (pip install 'tlfx[openvino]'), torch on CUDA "
                              "or without it. Also TLFX_RUNTIME.")(f)
+
+
+NORMALIZE_HELP = ("Feature normalisation fitted on the training rows in front of the head and saved with it: none, l2, "
+                  "power (signed square root + L2), pca-whiten (PCA whitening + L2; pca-whiten:N keeps N components). "
+                  "With --search, a comma list (none,l2,power) is cross-validated too.")
+
+
+def normalize_option(f):
+    """--normalize for commands that fit heads (fit, compare)."""
+    return click.option("--normalize", default="none", show_default=True, metavar="METHOD[,METHOD...]",
+                        help=NORMALIZE_HELP)(f)

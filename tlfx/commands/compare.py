@@ -6,7 +6,7 @@ from ..config import POOLINGS
 from ..engines import search_engine_options
 from ..errors import TlfxError
 from ..safetext import terminal
-from ._options import IMAGE_SIZE, PRECISIONS
+from ._options import IMAGE_SIZE, PRECISIONS, normalize_option
 from ._trust import trust_options
 
 
@@ -55,10 +55,11 @@ from ._trust import trust_options
 @trust_options
 @click.option("--out", required=True, type=click.Path(file_okay=False), help="Directory for report.html/.json/.md.")
 @click.option("--quiet", is_flag=True, help="No progress display.")
+@normalize_option
 @search_engine_options
 def compare(train, test, data, backbones, layers, limit, test_limit, root, train_split, test_split, cache, image_size,
             pooling, precision, batch_size, device, heads, search, folds, baseline, finetune, learning_curve, n_boot,
-            seed, gallery, allow_incomplete, trust_types, trust_pickle, out, quiet, engine, address):
+            seed, gallery, allow_incomplete, trust_types, trust_pickle, out, quiet, normalize, engine, address):
     """Compare heads (and a raw-pixel baseline, and fine-tuned models) on the same splits: quality beside cost.
 
     Writes DIR/report.html (one self-contained page), DIR/report.json (every number) and DIR/report.md.
@@ -75,6 +76,7 @@ def compare(train, test, data, backbones, layers, limit, test_limit, root, train
                    --search --baseline pixels --out report
       tlfx compare --train tr.h5 --test te.h5 --heads svm --finetune ft.tlfx --learning-curve none --out r2
       tlfx compare --train tr.h5 --test te.h5 --search --engine ray --address auto --out r3
+      tlfx compare --train tr.h5 --test te.h5 --heads svm,logistic --search --normalize none,power --out r4
       tlfx compare --data digits --backbones pixels_grey,efficientnet_lite0 --heads linear,logistic,knn \\
                    --out sweep
       tlfx compare --data fashion-mnist --limit 10000 --test-limit 2000 \\
@@ -99,7 +101,7 @@ def compare(train, test, data, backbones, layers, limit, test_limit, root, train
                       test_limit=test_limit, root=root, train_split=train_split, test_split=test_split,
                       image_size=image_size, pooling=pooling, precision=precision, batch_size=batch_size,
                       device=device, search=search, folds=folds, learning_curve=learning_curve, n_boot=n_boot,
-                      seed=seed, gallery=gallery, quiet=quiet, engine=engine, address=address)
+                      seed=seed, gallery=gallery, quiet=quiet, engine=engine, address=address, normalize=normalize)
     if train is None or test is None:
         raise TlfxError("compare needs --train F.h5 and --test T.h5 (store mode), or --data SPEC and --backbones "
                         "A,B,... (sweep mode)")
@@ -107,7 +109,7 @@ def compare(train, test, data, backbones, layers, limit, test_limit, root, train
               finetune=finetune, learning_curve=learning_curve, allow_incomplete=allow_incomplete, n_boot=n_boot,
               seed=seed, gallery=gallery, progress=not quiet,
               trust_types=trust_types, trust_pickle=trust_pickle, engine=engine, address=address,
-              argv=_argv())
+              argv=_argv(), normalize=normalize)
     best = next(r for r in rep["rows"] if r["id"] == rep["best"])
     labels = {r["id"]: terminal(r["label"]) for r in rep["rows"]}  # model names come from other people's files
     width = max(len(v) for v in labels.values())
@@ -123,7 +125,7 @@ def compare(train, test, data, backbones, layers, limit, test_limit, root, train
 
 def _sweep(data, backbones, layers, heads, out, *, cache, limit, test_limit, root, train_split, test_split,
            image_size, pooling, precision, batch_size, device, search, folds, learning_curve, n_boot, seed, gallery,
-           quiet, engine, address):
+           quiet, engine, address, normalize=None):
     from ..sweep import SweepOptions, sweep
 
     opts = SweepOptions(data=data, root=root, limit=limit, test_limit=test_limit, train_split=train_split,
@@ -131,7 +133,7 @@ def _sweep(data, backbones, layers, heads, out, *, cache, limit, test_limit, roo
                         device=None if device == "auto" else device, batch_size=batch_size)
     rep = sweep(data, backbones, layers, heads, out, cache=cache, opts=opts, search=search, folds=folds,
                 learning_curve=learning_curve, n_boot=n_boot, seed=seed, gallery=gallery, progress=not quiet,
-                engine=engine, address=address, argv=_argv())
+                engine=engine, address=address, argv=_argv(), normalize=normalize)
     best = next(r for r in rep["rows"] if r["id"] == rep["best"])
     labels = {r["id"]: terminal(r["label"]) for r in rep["rows"]}
     width = max(len(v) for v in labels.values())

@@ -34,7 +34,8 @@ def evaluate(model_path, features, as_json, trust_types, trust_pickle, allow_inc
     if as_json:
         click.echo(json.dumps(rep, indent=2))
     else:
-        title = terminal(f"{model_path} ({rep.get('head') or rep['kind']}) on {features}")
+        norm = f", {rep['normalize']} normalisation" if rep.get("normalize", "none") != "none" else ""
+        title = terminal(f"{model_path} ({rep.get('head') or rep['kind']}{norm}) on {features}")
         click.echo(format_report(printable(rep), title=title))
 
 

@@ -1,6 +1,6 @@
 import click
 
-from ..config import DTYPES, ExtractOptions
+from ..config import DTYPES, TTAS, ExtractOptions
 from ._options import backbone_options, data_options, extraction_runtime_option
 
 
@@ -13,6 +13,9 @@ from ._options import backbone_options, data_options, extraction_runtime_option
 @click.option("--workers", type=click.IntRange(min=0), default=None, help="Decoding worker processes (default: cores - 1).")
 @click.option("--dtype", type=click.Choice(DTYPES), default="float32", show_default=True,
               help="Stored feature type (compute precision is --precision).")
+@click.option("--tta", type=click.Choice(TTAS), default="none", show_default=True,
+              help="Test-time augmentation: flip averages the features of each image and of its horizontal mirror "
+                   "(twice the network time); recorded in the store, and predict repeats it.")
 @click.option("--part-size", type=click.IntRange(min=1), default=None, help="Items per durable part (default ~2048).")
 @click.option("--overwrite", is_flag=True, help="Replace an existing store made with another configuration.")
 @click.option("--update", is_flag=True, help="Bring a store of a changed image folder (or CSV) up to date: keep the "
@@ -39,6 +42,7 @@ def extract(compile_, quiet, engine, address, num_workers, gpus_per_worker, **fi
       tlfx extract --backbone resnet18 --data imagefolder:photos --layers multi --out photos.h5
       tlfx extract --data imagefolder:photos --runtime openvino --precision int8 --out photos-int8.h5
       tlfx extract --backbone resnet18 --data imagefolder:photos --layers multi --out photos.h5 --update
+      tlfx extract --data imagefolder:photos --tta flip --out photos-flip.h5
       tlfx extract --backbone vgg16 --weights vgg16.pth --data csv:labels.csv --split train --out tr.h5
       tlfx extract --data imagefolder:/shared/photos --out /shared/p.h5 --engine ray --address auto --gpus-per-worker 1
     """

@@ -90,9 +90,9 @@ class BlockWorker:
         self.ds = ds
         bb = create_backbone(job["backbone"], job["weights"])
         self.computer = FeatureComputer(bb, job["layers"], job["pooling"], job["image_size"], job["precision"],
-                                        job["device"], job["compile"])
+                                        job["device"], job["compile"], tta=job.get("tta") or "none")
         self.info = {
-            "config": bb.config(self.computer.layers, job["pooling"], job["image_size"]),
+            "config": {**bb.config(self.computer.layers, job["pooling"], job["image_size"]), "tta": self.computer.tta},
             "precision": self.computer.precision,
             "device": str(self.computer.device),
             "n_items": len(ds),
