@@ -73,6 +73,7 @@ def test_cache_key_changes_with_every_configuration_field():
         "preprocess": {**base_cfg, "preprocess": {**base_cfg["preprocess"], "mean": [0.1, 0.2, 0.3]}},
         "precision": {**base_cfg, "precision": "bf16"},
         "runtime": {**base_cfg, "runtime": "openvino"},
+        "tta": {**base_cfg, "tta": "flip"},
     }
     from tlfx.config import FIELDS
 

@@ -66,6 +66,7 @@ class SweepOptions:
     batch_size: int = 64
     workers: int | None = None
     part_size: int | None = None  # rows per durable part of a store (default: the extraction engine's)
+    tta: str = "none"  # test-time augmentation at extraction (none, flip)
 
     def validate(self) -> SweepOptions:
         for name in ("limit", "test_limit"):
@@ -78,7 +79,7 @@ class SweepOptions:
         from .config import ExtractOptions
 
         ExtractOptions(pooling=self.pooling, image_size=self.image_size, dtype=self.dtype, batch_size=self.batch_size,
-                       workers=self.workers, runtime=self.runtime, part_size=self.part_size).validate()
+                       workers=self.workers, runtime=self.runtime, part_size=self.part_size, tta=self.tta).validate()
         return self
 
 
@@ -113,7 +114,7 @@ def resolved_config(bb, layers: str, opts: SweepOptions) -> dict:
     device = pick_device(opts.device)
     return {**bb.config(layers, opts.pooling, opts.image_size), "runtime": resolve_runtime(opts.runtime, device,
                                                                                           opts.precision),
-            "precision": resolve_precision(opts.precision, device)}
+            "precision": resolve_precision(opts.precision, device), "tta": opts.tta}
 
 
 def store_path(cache: str, backbone: str, layers, split: str, digest: str) -> str:
@@ -311,7 +312,7 @@ def _run_config(bb, name: str, layers: str, splits: dict, limits: dict, opts: Sw
                                                 pooling=opts.pooling, image_size=opts.image_size,
                                                 precision=opts.precision, runtime=opts.runtime, device=opts.device,
                                                 dtype=opts.dtype, batch_size=opts.batch_size, workers=opts.workers,
-                                                part_size=opts.part_size, progress=progress))
+                                                part_size=opts.part_size, tta=opts.tta, progress=progress))
             if not res.already_complete:
                 lg.say(f"  {res.summary()}")
         st = FeatureStore(path)

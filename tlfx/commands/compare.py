@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from ..config import POOLINGS
+from ..config import POOLINGS, TTAS
 from ..engines import search_engine_options
 from ..errors import TlfxError
 from ..safetext import terminal
@@ -35,6 +35,8 @@ from ._trust import trust_options
 @click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
               help="Sweep mode: compute precision of the backbones.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Sweep mode: batch size.")
+@click.option("--tta", type=click.Choice(TTAS), default="none", show_default=True,
+              help="Sweep mode: test-time augmentation at extraction (flip: mean of an image's and its mirror's features).")
 @click.option("--device", default="auto", show_default=True, help="Sweep mode: auto, cpu, cuda or cuda:N.")
 @click.option("--heads", default=None, metavar="A,B,...",
               help="Comma-separated heads (tlfx heads). Default: every registered head.")
@@ -58,7 +60,7 @@ from ._trust import trust_options
 @normalize_option
 @search_engine_options
 def compare(train, test, data, backbones, layers, limit, test_limit, root, train_split, test_split, cache, image_size,
-            pooling, precision, batch_size, device, heads, search, folds, baseline, finetune, learning_curve, n_boot,
+            pooling, precision, batch_size, tta, device, heads, search, folds, baseline, finetune, learning_curve, n_boot,
             seed, gallery, allow_incomplete, trust_types, trust_pickle, out, quiet, normalize, engine, address):
     """Compare heads (and a raw-pixel baseline, and fine-tuned models) on the same splits: quality beside cost.
 
@@ -99,7 +101,7 @@ def compare(train, test, data, backbones, layers, limit, test_limit, root, train
                                 f"--backbones (e.g. pixels_grey) instead")
         return _sweep(data, backbones, layers, heads or list_heads(), out, cache=cache, limit=limit,
                       test_limit=test_limit, root=root, train_split=train_split, test_split=test_split,
-                      image_size=image_size, pooling=pooling, precision=precision, batch_size=batch_size,
+                      image_size=image_size, pooling=pooling, precision=precision, batch_size=batch_size, tta=tta,
                       device=device, search=search, folds=folds, learning_curve=learning_curve, n_boot=n_boot,
                       seed=seed, gallery=gallery, quiet=quiet, engine=engine, address=address, normalize=normalize)
     if train is None or test is None:
@@ -124,13 +126,13 @@ def compare(train, test, data, backbones, layers, limit, test_limit, root, train
 
 
 def _sweep(data, backbones, layers, heads, out, *, cache, limit, test_limit, root, train_split, test_split,
-           image_size, pooling, precision, batch_size, device, search, folds, learning_curve, n_boot, seed, gallery,
+           image_size, pooling, precision, batch_size, tta, device, search, folds, learning_curve, n_boot, seed, gallery,
            quiet, engine, address, normalize=None):
     from ..sweep import SweepOptions, sweep
 
     opts = SweepOptions(data=data, root=root, limit=limit, test_limit=test_limit, train_split=train_split,
                         test_split=test_split, pooling=pooling, image_size=image_size, precision=precision,
-                        device=None if device == "auto" else device, batch_size=batch_size)
+                        device=None if device == "auto" else device, batch_size=batch_size, tta=tta)
     rep = sweep(data, backbones, layers, heads, out, cache=cache, opts=opts, search=search, folds=folds,
                 learning_curve=learning_curve, n_boot=n_boot, seed=seed, gallery=gallery, progress=not quiet,
                 engine=engine, address=address, argv=_argv(), normalize=normalize)
