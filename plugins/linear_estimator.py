@@ -90,6 +90,35 @@ class LinearHead(ClassifierHead):
         finally:
             torch.set_num_threads(threads)
 
+    def _epochs(self, torch, layer, loss_fn, Xv, yv, one_epoch) -> float:
+        """Run ``one_epoch()`` up to ``epochs`` times, stopping early when the loss on ``(Xv, yv)`` (None: no
+        held-out rows) has not improved for ``patience`` epochs; keep the best epoch's weights as ``coef_`` and
+        ``intercept_``. Returns the best held-out loss (inf without held-out rows)."""
+        best, best_state, bad_epochs = np.inf, None, 0
+        self.n_epochs_ = 0
+        for _epoch in range(self.epochs):
+            layer.train()
+            one_epoch()
+            self.n_epochs_ += 1
+            if Xv is None:
+                continue
+            with torch.no_grad():
+                val_loss = float(loss_fn(layer(Xv), yv))
+            if val_loss < best - 1e-6:
+                best, bad_epochs = val_loss, 0
+                best_state = [p.detach().clone() for p in layer.parameters()]
+            else:
+                bad_epochs += 1
+                if bad_epochs >= self.patience:
+                    break
+        if best_state is not None:
+            with torch.no_grad():
+                for p, b in zip(layer.parameters(), best_state):
+                    p.copy_(b)
+        self.coef_ = layer.weight.detach().cpu().numpy().astype(np.float32)
+        self.intercept_ = layer.bias.detach().cpu().numpy().astype(np.float32)
+        return best
+
     def _train(self, torch, nn, device, Xs, y_idx, tr, va, n_classes):
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
@@ -104,10 +133,7 @@ class LinearHead(ClassifierHead):
             bs = len(tr) if self.batch_size <= 0 else min(self.batch_size, len(tr))
             # 100 epochs of 81 rows are 100 steps: too few for AdamW at 1e-3 to move far from the random init
             passes = max(1, math.ceil(self.min_steps / max(1, self.epochs * math.ceil(len(tr) / bs))))
-            best, best_state, bad_epochs = np.inf, None, 0
-            self.n_epochs_ = 0
-            for _epoch in range(self.epochs):
-                layer.train()
+            def one_epoch():
                 for _ in range(passes):
                     order = torch.randperm(len(tr), generator=gen).to(device)
                     for i in range(0, len(tr), bs):
@@ -115,24 +141,8 @@ class LinearHead(ClassifierHead):
                         opt.zero_grad(set_to_none=True)
                         loss_fn(layer(Xt[idx]), yt[idx]).backward()
                         opt.step()
-                self.n_epochs_ += 1
-                if Xv is None:
-                    continue
-                with torch.no_grad():
-                    val_loss = float(loss_fn(layer(Xv), yv))
-                if val_loss < best - 1e-6:
-                    best, bad_epochs = val_loss, 0
-                    best_state = [p.detach().clone() for p in layer.parameters()]
-                else:
-                    bad_epochs += 1
-                    if bad_epochs >= self.patience:
-                        break
-            if best_state is not None:
-                with torch.no_grad():
-                    for p, b in zip(layer.parameters(), best_state):
-                        p.copy_(b)
-            self.coef_ = layer.weight.detach().cpu().numpy().astype(np.float32)
-            self.intercept_ = layer.bias.detach().cpu().numpy().astype(np.float32)
+
+            best = self._epochs(torch, layer, loss_fn, Xv, yv, one_epoch)
         self.passes_per_epoch_ = passes
         self.best_val_loss_ = float(best) if np.isfinite(best) else None
 
@@ -182,10 +192,7 @@ class LinearHead(ClassifierHead):
             full = self.batch_size <= 0
             bs = n_tr if full else min(self.batch_size, n_tr)
             passes = max(1, math.ceil(self.min_steps / max(1, self.epochs * math.ceil(n_tr / bs))))
-            best, best_state, bad_epochs = np.inf, None, 0
-            self.n_epochs_ = 0
-            for _epoch in range(self.epochs):
-                layer.train()
+            def one_epoch():
                 for _ in range(passes):
                     if full:
                         opt.zero_grad(set_to_none=True)
@@ -203,24 +210,8 @@ class LinearHead(ClassifierHead):
                             opt.step()
                     if full:
                         opt.step()
-                self.n_epochs_ += 1
-                if Xv is None:
-                    continue
-                with torch.no_grad():
-                    val_loss = float(loss_fn(layer(Xv), yv))
-                if val_loss < best - 1e-6:
-                    best, bad_epochs = val_loss, 0
-                    best_state = [p.detach().clone() for p in layer.parameters()]
-                else:
-                    bad_epochs += 1
-                    if bad_epochs >= self.patience:
-                        break
-            if best_state is not None:
-                with torch.no_grad():
-                    for p, b in zip(layer.parameters(), best_state):
-                        p.copy_(b)
-            self.coef_ = layer.weight.detach().cpu().numpy().astype(np.float32)
-            self.intercept_ = layer.bias.detach().cpu().numpy().astype(np.float32)
+
+            best = self._epochs(torch, layer, loss_fn, Xv, yv, one_epoch)
         self.passes_per_epoch_ = passes
         self.best_val_loss_ = float(best) if np.isfinite(best) else None
 

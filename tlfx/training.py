@@ -154,18 +154,23 @@ def fit_head(name: str, X, y, params: dict | None = None, seed: int = 0, warn: l
     from .normalize import with_normalizer
 
     est = with_normalizer(create_seeded_head(name, params, seed), normalize)
+    return est, _timed_fit(name, params, seed, warn, lambda: est.fit(X, y))
+
+
+def _timed_fit(name: str, params: dict | None, seed: int, warn: list | None, run) -> float:
+    """Seed the global generators, call ``run()`` collecting warnings, and return its seconds; a head that refuses
+    its parameters or data (ValueError/TypeError) becomes one line naming the head."""
     reseed_globals(seed)
     try:
         with collect_warnings(warn):
             t0 = time.perf_counter()
-            est.fit(X, y)
-            seconds = time.perf_counter() - t0
+            run()
+            return time.perf_counter() - t0
     except TlfxError:
         raise
     except (ValueError, TypeError) as exc:
         msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise TlfxError(f"head {name!r} with parameters {params or '(defaults)'} cannot be fitted: {msg}") from None
-    return est, seconds
 
 
 def can_stream(est) -> bool:
@@ -217,15 +222,4 @@ def fit_head_store(name: str, store, params: dict | None = None, seed: int = 0, 
     """Like :func:`fit_head`, but the head reads ``store`` itself, ``chunk_rows`` rows at a time
     (``est.fit_store``); returns ``(estimator, fit seconds)``."""
     est = create_seeded_head(name, params, seed)
-    reseed_globals(seed)
-    try:
-        with collect_warnings(warn):
-            t0 = time.perf_counter()
-            est.fit_store(store, chunk_rows=chunk_rows)
-            seconds = time.perf_counter() - t0
-    except TlfxError:
-        raise
-    except (ValueError, TypeError) as exc:
-        msg = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TlfxError(f"head {name!r} with parameters {params or '(defaults)'} cannot be fitted: {msg}") from None
-    return est, seconds
+    return est, _timed_fit(name, params, seed, warn, lambda: est.fit_store(store, chunk_rows=chunk_rows))

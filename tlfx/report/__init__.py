@@ -105,6 +105,13 @@ def write_reports(report: dict, out: str, test_store=None) -> dict:
     Figures are drawn into a fresh staging folder and swapped in as ``figures/``; each report file is written
     under an exclusively created temporary name and renamed, so no file is ever written through a planted link.
     """
+    return write_report_files(report, out, lambda stage: make_figures(report, stage, test_store),
+                              render_html, render_markdown)
+
+
+def write_report_files(report: dict, out: str, draw, render_html, render_markdown) -> dict:
+    """The safe writing of a report (see :func:`write_reports`): ``draw(stage)`` makes the figures in a staging
+    folder, ``render_html(report, figures)`` and ``render_markdown(report)`` the pages."""
     os.makedirs(out, exist_ok=True)
     clear_previous(out)
     stage = tempfile.mkdtemp(prefix=TMP_PREFIX + "figures-", dir=out)
@@ -114,7 +121,7 @@ def write_reports(report: dict, out: str, test_store=None) -> dict:
             public_mode(fd, directory=True)
         finally:
             os.close(fd)
-        figures = make_figures(report, stage, test_store)
+        figures = draw(stage)
         final = os.path.join(out, "figures")
         _swap_in(stage, final)
     except BaseException:

@@ -8,15 +8,13 @@ escaped (tlfx.safetext) before it reaches HTML or Markdown.
 from __future__ import annotations
 
 import os
-import shutil
-import tempfile
 
 import numpy as np
 
 from ..safetext import html as e
 from ..safetext import markdown as m
 from ..safetext import terminal
-from .figures import HEAD_COLORS, RC, TMP_PREFIX, _labels, _plt, _save, _short, _t, plain_log_ticks, public_mode
+from .figures import HEAD_COLORS, RC, _labels, _plt, _save, _short, _t, plain_log_ticks
 from .html import CSS, _fmt_bytes, _fmt_s, data_uri
 from .html import _num as _hnum
 
@@ -331,30 +329,7 @@ def render_sweep_markdown(report: dict) -> str:
 
 def write_sweep_reports(report: dict, out: str) -> dict:
     """Draw the figures (staged, then swapped in as ``figures/``) and write report.json/.html/.md into ``out``."""
-    from . import _swap_in, _write_text, clear_previous, dumps
+    from . import write_report_files
 
-    os.makedirs(out, exist_ok=True)
-    clear_previous(out)
-    stage = tempfile.mkdtemp(prefix=TMP_PREFIX + "figures-", dir=out)
-    try:
-        fd = os.open(stage, os.O_RDONLY)
-        try:
-            public_mode(fd, directory=True)
-        finally:
-            os.close(fd)
-        figures = make_sweep_figures(report, stage)
-        final = os.path.join(out, "figures")
-        _swap_in(stage, final)
-    except BaseException:
-        shutil.rmtree(stage, ignore_errors=True)
-        raise
-    for f in figures.values():
-        f["path"] = os.path.join(final, os.path.basename(f["path"]))
-    report["figures"] = {name: {"file": os.path.relpath(f["path"], out), "title": f["title"], "caption": f["caption"]}
-                         for name, f in figures.items()}
-    paths = {"json": os.path.join(out, "report.json"), "html": os.path.join(out, "report.html"),
-             "md": os.path.join(out, "report.md")}
-    for key, text in (("json", dumps(report)), ("html", render_sweep_html(report, figures)),
-                      ("md", render_sweep_markdown(report))):
-        _write_text(paths[key], text)
-    return paths
+    return write_report_files(report, out, lambda stage: make_sweep_figures(report, stage), render_sweep_html,
+                              render_sweep_markdown)
