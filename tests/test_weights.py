@@ -9,6 +9,7 @@ import os
 import socket
 import threading
 import time
+from collections import Counter
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
@@ -301,8 +302,11 @@ def test_timm_mirror_down_is_asked_once_per_file_name(tmp_path):
         p = run_cli("weights", "fetch", "timm:test_vit", env={"HF_HOME": str(hf), "HF_ENDPOINT": srv.url})
     line = one_error_line(p)
     assert "timm:test_vit" in line and "nothing was kept" in line
-    asked = [r for r in srv.requests if "/resolve/" in r[1]]  # timm tries model.safetensors, then pytorch_model.bin
-    assert 1 <= len(asked) <= 4, srv.requests
+    # per file name: one metadata request, and huggingface_hub's own "no local file, retrying" request; on its own
+    # it sends 1 + 6 per name (five retries with back-off)
+    asked = Counter(path.rsplit("/", 1)[-1] for _method, path in srv.requests if "/resolve/" in path)
+    assert asked["model.safetensors"] >= 1, srv.requests  # the mirror was really asked
+    assert max(asked.values()) <= 2, asked
 
 
 def test_timm_wrong_hash_leaves_nothing(tmp_path):
