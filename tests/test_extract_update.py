@@ -14,10 +14,10 @@ import time
 
 import numpy as np
 import pytest
+from conftest import cli_here
 from PIL import Image
 
 import tlfx
-from tlfx.cli import main
 from tlfx.update import SUFFIX
 
 BASE = ["extract", "--backbone", "efficientnet_lite0", "--image-size", "32", "--precision", "fp32", "--runtime", "torch",
@@ -26,13 +26,8 @@ BASE = ["extract", "--backbone", "efficientnet_lite0", "--image-size", "32", "--
 
 def tlfx_cli(capsys, *args) -> tuple[int, str, str]:
     """Run the console entry point in this process: (exit code, stdout, stderr)."""
-    capsys.readouterr()
-    try:
-        main([str(a) for a in args])
-    except SystemExit as exc:
-        code = exc.code
-    out, err = capsys.readouterr()
-    return code, out, err
+    p = cli_here(*args)
+    return p.returncode, p.stdout, p.stderr
 
 
 @pytest.fixture(scope="module")
