@@ -28,6 +28,7 @@ _LAZY = {
     "list_heads": "heads",
     "create_head": "heads",
     "Embedder": "embedder",
+    "combine_stores": "combine",
 }
 
 __all__ = ["__version__", "hookimpl", "TlfxError", *_LAZY]

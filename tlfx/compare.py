@@ -253,6 +253,9 @@ def _slug(s: str) -> str:
 
 def _feature_label(store: FeatureStore) -> str:
     c = store.config
+    if c.get("components"):  # tlfx combine
+        return " + ".join(f"{(x.get('config') or {}).get('backbone')} ({(x.get('config') or {}).get('image_size')} px)"
+                          for x in c["components"])
     layers = c.get("layers") or []
     lay = "multi, " if len(layers) > 1 else ("" if layers in ([], ["penultimate"]) else f"{layers[0]}, ")
     return f"{c.get('backbone')} ({lay}{c.get('image_size')} px)"

@@ -13,7 +13,8 @@ from dataclasses import asdict, dataclass, fields
 # a store (bf16 and fp32 features of one network agree to 0.01 accuracy points, docs/performance.md); INT8 is
 # another network (quantized weights and activations) and always counts, as does OpenVINO vs torch. ``tta`` (test-time
 # augmentation: ``flip`` averages the features of each image and its mirror) makes other features, so it counts too.
-COMPARED = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess", "runtime", "tta")
+# ``components``: the sources of a combined store (``tlfx combine``), each compared on its own configuration and columns.
+COMPARED = ("backbone", "weights", "layers", "pooling", "image_size", "preprocess", "runtime", "tta", "components")
 RESUME = (*COMPARED, "precision")
 
 
@@ -30,12 +31,15 @@ class FeatureConfig:
     precision: str | None = None
     runtime: str | None = None  # torch or openvino; None (records older than the OpenVINO runtime) means torch
     tta: str | None = None  # test-time augmentation: none or flip; None (records older than TTA) means none
+    # a combined store's sources (tlfx combine), in column order: ({"config": FeatureConfig dict, "columns": [a, b],
+    # "source": {"name", "sha256"}}, ...); () for the features of one backbone (and records older than combining)
+    components: tuple = ()
 
     @classmethod
     def from_dict(cls, d: dict | None) -> FeatureConfig:
         """From a store's attributes or a model's ``config`` (extra keys are ignored, missing ones are None)."""
         d = d if isinstance(d, dict) else {}
-        layers = d.get("layers")
+        layers, comps = d.get("layers"), d.get("components")
         return cls(
             backbone=d.get("backbone"),
             weights=dict(d["weights"]) if isinstance(d.get("weights"), dict) else None,
@@ -46,12 +50,18 @@ class FeatureConfig:
             precision=d.get("precision"),
             runtime=d.get("runtime"),
             tta=d.get("tta"),
+            components=tuple(dict(c) for c in comps if isinstance(c, dict)) if isinstance(comps, (list, tuple)) else (),
         )
 
     def to_dict(self) -> dict:
-        """JSON-ready, with ``layers`` as a list (the form stores and model files hold)."""
+        """JSON-ready, with ``layers`` as a list (the form stores and model files hold); ``components`` only when
+        there are some, so the record of one backbone's features is what it was before combining existed."""
         d = asdict(self)
         d["layers"] = list(self.layers)
+        if self.components:
+            d["components"] = [dict(c) for c in self.components]
+        else:
+            del d["components"]
         return d
 
     def _value(self, key: str):
@@ -75,7 +85,9 @@ class FeatureConfig:
         ``["image_size: model 64 vs store 96"]``."""
         left, right = (f"{n} " if n else "" for n in names)
         out = [f"{k}: {left}{_show(self._value(k))} vs {right}{_show(other._value(k))}"
-               for k in keys if k != "precision" and not self._same(k, getattr(self, k), getattr(other, k))]
+               for k in keys if k not in ("precision", "components") and not self._same(k, getattr(self, k), getattr(other, k))]
+        if "components" in keys:
+            out += _components_diff(self.components, other.components, names, keys)
         if not self._same("precision" if "precision" in keys else "int8", self.precision, other.precision):
             out.append(f"precision: {left}{_show(self.precision)} vs {right}{_show(other.precision)}")
         return out
@@ -83,6 +95,64 @@ class FeatureConfig:
 
 # what a record without the field means (it was written before the field existed)
 DEFAULTS = {"runtime": "torch", "tta": "none"}
+
+
+def _columns(c: dict):
+    cols = c.get("columns")
+    return list(cols) if isinstance(cols, (list, tuple)) else None
+
+
+def components_summary(components) -> str:
+    """``efficientnet_lite0[0:1280] + pixels_grey[1280:2304]`` (``none`` for the features of one backbone)."""
+    parts = []
+    for c in components:
+        cols = _columns(c) or ["?", "?"]
+        name = (c.get("config") or {}).get("backbone") if isinstance(c.get("config"), dict) else None
+        parts.append(f"{name}[{cols[0]}:{cols[-1]}]")
+    return " + ".join(parts) or "none"
+
+
+def _components_diff(a, b, names, keys) -> list[str]:
+    """How two combinations differ: their sources (backbone and columns, in order), else the first configuration
+    keys that differ within a source. The source files themselves (name, sha256) are provenance, never compared."""
+    if not a and not b:
+        return []
+    left, right = (f"{n} " if n else "" for n in names)
+    if len(a) != len(b) or any(_columns(x) != _columns(y) for x, y in zip(a, b)):
+        return [f"components: {left}{components_summary(a)} vs {right}{components_summary(b)}"]
+    sub = tuple(k for k in keys if k != "components")
+    out = []
+    for i, (x, y) in enumerate(zip(a, b), 1):
+        cx, cy = FeatureConfig.from_dict(x.get("config")), FeatureConfig.from_dict(y.get("config"))
+        out += [f"component {i} {d}" for d in cx.diff(cy, names=names, keys=sub)]
+    return out
+
+
+MAX_COMPONENTS = 64
+
+
+def components_problem(value) -> str | None:
+    """What is wrong with a recorded ``components`` value (None when it is well-formed): a list of at most
+    :data:`MAX_COMPONENTS` objects, each with a ``config`` object (no nested components) and ``columns`` ``[a, b]``,
+    integers with ``0 <= a < b``, following each other from 0."""
+    if not isinstance(value, list):
+        return f"components should be a JSON list, found {type(value).__name__}"
+    if len(value) > MAX_COMPONENTS:
+        return f"components lists {len(value)} sources (at most {MAX_COMPONENTS})"
+    end = 0
+    for i, c in enumerate(value):
+        if not isinstance(c, dict) or not isinstance(c.get("config"), dict):
+            return f"component {i + 1} is not an object with a 'config' object"
+        if c["config"].get("components"):
+            return f"component {i + 1} is itself combined (components are recorded flat)"
+        cols = c.get("columns")
+        if not (isinstance(cols, list) and len(cols) == 2 and all(isinstance(x, int) and not isinstance(x, bool)
+                                                                  for x in cols) and cols[0] == end < cols[1]):
+            return f"component {i + 1} has columns {str(cols)[:40]}, expected [{end}, b] with b > {end}"
+        end = cols[1]
+        if not isinstance(c.get("source", {}), dict):
+            return f"component {i + 1} has a 'source' that is not an object"
+    return None
 
 
 def _show(v) -> str:

@@ -132,7 +132,10 @@ class Model:
     def check_store(self, store):
         """Refuse a store made with another backbone configuration or holding other classes (what evaluate checks)."""
         if getattr(self, "reads_features", True):  # a fine-tuned network reads the store's images, not its features
-            check_config(self.config, store.config, f"store {store.path!r}")
+            fix = ("evaluate on a store combined from stores made the same way, in the same order (tlfx info on the "
+                   "training store lists them)" if self.config.get("components") else
+                   "extract it with the model's configuration")
+            check_config(self.config, store.config, f"store {store.path!r}", fix)
         if self.class_names and store.class_names and self.class_names != store.class_names:
             raise TlfxError(f"store {store.path!r} has classes {store.class_names[:5]}... but the model was trained on "
                             f"{self.class_names[:5]}...; evaluate on a store of the same dataset")
@@ -399,6 +402,15 @@ def check_config_record(path: str, config: dict, prefix: str = "config"):
     check_field(path, f"{prefix}.tta", config.get("tta"), (str,))
     check_pixels(path, f"{prefix}.image_size", config.get("image_size"))
     check_preprocess(path, f"{prefix}.preprocess", config.get("preprocess"), complete=False)
+    comps = config.get("components")
+    if comps is not None:  # a head fitted on a combined store (tlfx combine): each source's configuration
+        from .config import components_problem
+
+        problem = components_problem(comps)
+        if problem:
+            raise bad_record(path, f"field {prefix}.components: {problem}")
+        for i, c in enumerate(comps):
+            check_config_record(path, c["config"], f"{prefix}.components[{i}].config")
 
 
 def _short(v) -> str:

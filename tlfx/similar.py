@@ -112,8 +112,12 @@ def embed_query(store, image: str) -> np.ndarray:
     if str(cfg.get("backbone") or "").startswith("imported:"):
         raise TlfxError(f"store {store.path!r} holds imported features ({terminal(cfg['backbone'])}), which tlfx "
                         f"cannot compute for a new image; use --id instead")
-    computer = FeatureComputer.from_config(cfg)
-    feats, ok, bad = embed_images(computer, [image], batch_size=1)
+    if cfg.get("components"):  # a combined store: every source backbone, side by side
+        from .combine import embed_components
+
+        feats, ok, bad = embed_components(cfg, [image])
+    else:
+        feats, ok, bad = embed_images(FeatureComputer.from_config(cfg), [image], batch_size=1)
     if not ok:
         reason = bad[0][1] if bad else "unreadable"
         raise TlfxError(f"--image {terminal(image)!r} cannot be read as an image ({terminal(reason)}); give an image file")

@@ -23,7 +23,7 @@ import h5py
 import numpy as np
 
 from . import __version__
-from .config import DEFAULTS, RESUME, FeatureConfig
+from .config import DEFAULTS, RESUME, FeatureConfig, components_problem, components_summary
 from .errors import TlfxError
 from .safetext import terminal
 
@@ -31,7 +31,7 @@ FORMAT_VERSION = 1
 # a resumed store must agree with the run that continues it on the features' configuration and on its source
 SOURCE_KEYS = ("dtype", "dataset", "split", "dataset_fingerprint")
 CONFIG_KEYS = (*RESUME, *SOURCE_KEYS)
-JSON_ATTRS = ("weights", "layers", "preprocess", "class_names", "stats", "calibration")
+JSON_ATTRS = ("weights", "layers", "preprocess", "class_names", "stats", "calibration", "components")
 _PART_RE = re.compile(r"^part-(\d{10})-(\d{10})\.h5$")
 STR = h5py.string_dtype("utf-8")
 _UMASK = os.umask(0o022)  # read once at import (single-threaded): temporaries get the mode a plain open() would give
@@ -51,6 +51,7 @@ _KINDS = {
     "tlfx_version": str, "backbone": str, "pooling": str, "precision": str, "dtype": str, "dataset": str, "split": str,
     "data_root": str, "dataset_fingerprint": str, "created": str, "runtime": str, "updated_from": str, "tta": str,
     "weights": dict, "preprocess": dict, "stats": dict, "layers": list, "class_names": list, "calibration": dict,
+    "components": list,
 }
 
 
@@ -277,6 +278,8 @@ def _attr_value(path: str, k: str, v):
             raise _refuse(path, f"attribute {k!r} should be a JSON list of strings")
         if k == "class_names" and len(v) > MAX_CLASSES:
             raise _refuse(path, f"{len(v)} class names (at most {MAX_CLASSES})")
+    if k == "components" and components_problem(v):
+        raise _refuse(path, terminal(components_problem(v)))
     if k == "stats" and not all(isinstance(v.get(x, 0), (int, float)) for x in ("seconds", "images_per_s")):
         raise _refuse(path, "attribute 'stats' should give seconds and images_per_s as numbers")
     return v
@@ -840,12 +843,24 @@ class FeatureStore:
             lines.append(f"  status      INCOMPLETE: {self._progress()}; run the same extract command to resume")
         w = a.get("weights") or {}
         pre = a.get("preprocess") or {}
+        if a.get("components"):  # tlfx combine: the sources' columns side by side
+            lines.append(f"  combined    {t(components_summary(a['components']))}")
+            for c in a["components"]:
+                cfg, src = c["config"], c.get("source") or {}
+                cw = cfg.get("weights") if isinstance(cfg.get("weights"), dict) else {}
+                lines.append(f"    columns {c['columns'][0]}-{c['columns'][1] - 1}: {t(cfg.get('backbone'))} "
+                             f"(weights {t(cw.get('name'))}, layers {t(', '.join(map(str, cfg.get('layers') or [])))}, "
+                             f"{t(cfg.get('image_size'))} px) from {t(src.get('name'))} "
+                             f"(sha256 {t(str(src.get('sha256', ''))[:12])})")
+        else:
+            lines += [
+                f"  backbone    {t(a.get('backbone'))}  weights {t(w.get('name'))} (sha256 {t(str(w.get('sha256', ''))[:16])})",
+                f"  layers      {t(', '.join(a.get('layers') or []))}  pooling {t(a.get('pooling'))}"
+                + (f"  tta {t(a.get('tta'))}" if a.get("tta", "none") != "none" else ""),
+                f"  image       {a.get('image_size')} px (resize {t(pre.get('resize'))}, {t(pre.get('interpolation'))}, "
+                f"mean {t(pre.get('mean'))}, std {t(pre.get('std'))})",
+            ]
         lines += [
-            f"  backbone    {t(a.get('backbone'))}  weights {t(w.get('name'))} (sha256 {t(str(w.get('sha256', ''))[:16])})",
-            f"  layers      {t(', '.join(a.get('layers') or []))}  pooling {t(a.get('pooling'))}"
-            + (f"  tta {t(a.get('tta'))}" if a.get("tta", "none") != "none" else ""),
-            f"  image       {a.get('image_size')} px (resize {t(pre.get('resize'))}, {t(pre.get('interpolation'))}, "
-            f"mean {t(pre.get('mean'))}, std {t(pre.get('std'))})",
             f"  dataset     {t(a.get('dataset'))} split {t(a.get('split'))}  ({a.get('n_items')} items, fingerprint "
             f"{t(str(a.get('dataset_fingerprint'))[:12])})",
             f"  classes     {len(self.class_names)}: {t(', '.join(self.class_names[:12]))}"
