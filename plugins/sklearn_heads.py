@@ -20,7 +20,7 @@ def register_heads(register):
              description="logistic regression by SGD (partial_fit); trains on stores larger than memory, chunk by chunk",
              param_grid={"alpha": [1e-5, 1e-4, 1e-3]})
     register("svm", f"{CLASSES}:SVMHead",
-             description="RBF SVM on standardised features; Nystroem approximation + ridge above max_exact rows",
+             description="RBF SVM on standardised features (PCA to 256 columns when wider); Nystroem above max_exact rows",
              param_grid={"C": [1.0, 10.0, 100.0]})
     register("random_forest", f"{CLASSES}:RandomForestHead", description="random forest (200 trees, all cores)",
              param_grid={"max_features": ["sqrt", 0.05], "min_samples_leaf": [1, 3]})

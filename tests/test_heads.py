@@ -126,6 +126,23 @@ def test_svm_switches_to_nystroem_above_max_exact(blobs):
     assert float((approx.predict(X) == y).mean()) > 0.85
 
 
+def test_svm_projects_wide_features_and_keeps_the_full_kernel_gamma():
+    from sklearn.datasets import load_digits
+
+    X, y = load_digits(return_X_y=True)
+    X = X.astype(np.float32)
+    tr, te = slice(0, 1200), slice(1200, None)
+    full = create_head("svm", pca=None).fit(X[tr], y[tr])
+    proj = create_head("svm", pca=40).fit(X[tr], y[tr])
+    assert not full.projected_ and proj.projected_ and type(proj.model_[1]).__name__ == "PCA"
+    svc = proj.model_[-1]
+    Xs = (X[tr] - X[tr].mean(0)) / np.where(X[tr].std(0) > 0, X[tr].std(0), 1)
+    assert svc.gamma == pytest.approx(1.0 / (X.shape[1] * Xs.var()), rel=1e-5)  # of the 64 columns, not the 40
+    a_full, a_proj = full.score(X[te], y[te]), proj.score(X[te], y[te])
+    assert a_proj > 0.9 and abs(a_full - a_proj) < 0.02
+    assert not create_head("svm", pca=64).fit(X[tr], y[tr]).projected_  # not wider than pca: nothing to project
+
+
 class EvilEstimator(LogisticRegression):
     """A type no registry knows: loading a file that holds it must be refused before anything is built."""
 

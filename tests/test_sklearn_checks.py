@@ -24,7 +24,7 @@ from tlfx.testing import check_head
 CHECKED = {
     "logistic": [{}],
     "sgd": [{}],
-    "svm": [{}, {"max_exact": 10, "n_components": 20}, {"probability": True}],
+    "svm": [{}, {"max_exact": 10, "n_components": 20}, {"pca": 2}, {"probability": True}],
     "random_forest": [{"n_estimators": 10, "n_jobs": 1}],
     "knn": [{}],
     "linear": [{"epochs": 40, "lr": 0.05, "batch_size": 0, "device": "cpu"}],
