@@ -308,3 +308,26 @@ def test_model_save_ignores_planted_temporary_links(tiny_model, tmp_path):
         Broken(model.meta, model.estimator).save(str(out))
     assert tlfx.load_model(str(out)).class_names == model.class_names  # the earlier file is intact
     assert len(os.listdir(tmp_path)) == 4  # and no temporary file is left
+
+
+def test_model_from_before_the_tlfx_plugins_rename_gets_a_refit_hint(tiny_model, tmp_path):
+    """Files written when tlfx's heads lived in the top-level 'plugins' package name classes that no longer exist."""
+    path = str(tmp_path / "new.tlfx")
+    cli_here("fit", "--features", str(tiny_model["store"]), "--head", "logistic", "--out", path, check=True)
+    old = str(tmp_path / "old.tlfx")
+    with zipfile.ZipFile(path) as src, zipfile.ZipFile(old, "w", zipfile.ZIP_DEFLATED) as dst:
+        for item in src.infolist():
+            data = src.read(item)
+            if item.filename == "head.skops":
+                inner_in, inner_out = zipfile.ZipFile(io.BytesIO(data)), io.BytesIO()
+                with zipfile.ZipFile(inner_out, "w") as z:
+                    for m in inner_in.infolist():
+                        body = inner_in.read(m)
+                        if m.filename == "schema.json":
+                            body = body.replace(b'"tlfx_plugins.sklearn_estimators"', b'"plugins.sklearn_heads"')
+                        z.writestr(m, body)
+                data = inner_out.getvalue()
+            dst.writestr(item, data)
+    assert cli_here("evaluate", "--model", path, "--features", str(tiny_model["store"])).returncode == 0
+    p = cli_here("evaluate", "--model", old, "--features", str(tiny_model["store"]))
+    _one_line_refusal(p, "older tlfx", "plugins.sklearn_heads.LogisticHead", "fit it again")

@@ -26,6 +26,8 @@ HEAD_MEMBER = "head.skops"
 # scikit-learn types the heads use that skops does not trust by default, but rebuilds from plain arrays only
 # and tlfx's own feature normaliser (numpy arrays and plain values only), which may sit in front of any head
 EXTRA_TRUSTED = ("sklearn.tree._tree.Tree", "tlfx.normalize.FeatureNormalizer")
+# modules of tlfx's own heads before they moved to tlfx_plugins (their classes were closures, not importable now)
+OLD_FIRST_PARTY_MODULES = (["plugins", "sklearn_heads"], ["plugins", "linear_head"], ["plugins", "head_base"])
 # the skops member is itself a zip (schema.json + one .npy per array): bound what it may unpack to
 MAX_SKOPS_MEMBERS = 100_000
 MAX_SKOPS_BYTES = _models.MAX_MEMBER_BYTES
@@ -90,6 +92,11 @@ class HeadModel(Model):
             raise TlfxError(f"model {where!r}: {HEAD_MEMBER} is not a readable skops file ({type(exc).__name__})") from None
         allowed = {*trusted_head_types(), *trust.types}
         refused = sorted(t for t in untrusted if t not in allowed)
+        renamed = sorted(t for t in refused if t.split(".")[:2] in OLD_FIRST_PARTY_MODULES)
+        if renamed:
+            raise TlfxError(f"model {where!r} was written by an older tlfx whose own heads lived in the 'plugins' "
+                            f"package ({', '.join(renamed)}; now tlfx_plugins, other classes): it cannot be loaded "
+                            f"by this version; fit it again from its store with tlfx fit")
         if refused:
             flags = " ".join(f"--trust-type {t}" for t in refused)
             raise TlfxError(f"model {where!r} contains {len(refused)} type(s) that are not a registered head class or a "
