@@ -293,6 +293,27 @@ def test_same_store_warns_that_numbers_are_training_accuracy(tiny, tmp_path, cap
     assert compare(tr, tiny[1], ["knn"], str(tmp_path / "r3"), learning_curve="none", n_boot=10)["warnings"] == []
 
 
+def test_splits_whose_ids_are_row_positions_are_not_the_same_images(tmp_path):
+    """Fashion-MNIST-style ids ("0", "1", ... in each split): train and test share ids but not images."""
+    from tlfx.cli import main
+
+    stores = {}
+    for split in ("train", "test"):
+        stores[split] = str(tmp_path / f"{split}.h5")
+        with pytest.raises(SystemExit) as exc:
+            main(["extract", "--backbone", "pixels_grey", "--data", "digits", "--split", split, "--limit", "60",
+                  "--quiet", "--out", stores[split]])
+        assert exc.value.code == 0
+    # digits' ids are positions in the whole set; renumbered per split they collide as Fashion-MNIST's do
+    te = rewrite(stores["test"], tmp_path / "test-pos.h5", ids=[str(i) for i in range(60)])
+    tr = rewrite(stores["train"], tmp_path / "train-pos.h5", ids=[str(i) for i in range(60)])
+    assert set(FeatureStore(tr).ids) == set(FeatureStore(te).ids)
+    assert compare(tr, te, ["knn"], str(tmp_path / "r"), learning_curve="none", n_boot=10)["warnings"] == []
+    # the same positional ids in one split (or "all" against a split) are still the same images
+    rep = compare(tr, tr, ["knn"], str(tmp_path / "r2"), learning_curve="none", n_boot=10)
+    assert rep["warnings"][0]["kind"] == "test_images_in_training"
+
+
 @pytest.mark.parametrize("case, words", [
     ("one-class", ["only one class", "'c0'", "at least 2 classes"]),
     ("seed", ["--seed", "-1", "0<=x<=4294967295"]),

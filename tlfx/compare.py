@@ -148,6 +148,9 @@ def training_overlap(tr: FeatureStore, te: FeatureStore) -> dict | None:
         same_file = False
     a, b = tr.attrs, te.attrs
     same_data = bool(a.get("dataset")) and (a.get("dataset"), a.get("data_root")) == (b.get("dataset"), b.get("data_root"))
+    splits = {_split_of(a), _split_of(b)}
+    if same_data and len(splits) == 2 and "all" not in splits and _positional(te_ids):
+        same_data = False  # two named splits whose ids are row positions in each (Fashion-MNIST's "0", "1", ...)
     same_data = same_data or (bool(a.get("dataset_fingerprint")) and a.get("dataset_fingerprint") == b.get("dataset_fingerprint"))
     if same_file:
         n = len(te_ids)
@@ -167,6 +170,17 @@ def training_overlap(tr: FeatureStore, te: FeatureStore) -> dict | None:
                    f"numbers overstate accuracy on unseen images; extract disjoint splits")
     return {"kind": "test_images_in_training", "n_overlap": int(n), "n_test": len(te_ids), "same_store": same_file,
             "banner": True, "message": message}
+
+
+def _split_of(attrs) -> str:
+    split = attrs.get("split")
+    return "all" if split in (None, "", "all") else str(split)
+
+
+def _positional(ids, sample: int = 1000) -> bool:
+    """Whether ids look like row positions (built-in array datasets) rather than file paths."""
+    head = ids[:sample]
+    return bool(head) and all(isinstance(i, str) and i.isdigit() for i in head)
 
 
 # ------------------------------------------------------------------------------------------------- fitting
