@@ -10,7 +10,7 @@ FASHION := /usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz
 $(STAMP): pyproject.toml Makefile
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[test,ray,lite,export,openvino]'
+	$(BIN)/python -m pip install -q -e '.[test,ray,lite,export,openvino,ann]'
 	touch $(STAMP)
 
 setup: $(STAMP)

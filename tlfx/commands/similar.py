@@ -18,38 +18,49 @@ import click
 @click.option("--format", "fmt", type=click.Choice(["table", "json", "csv"]), default="table", show_default=True)
 @click.option("--html", "html_out", type=click.Path(dir_okay=False), default=None, metavar="FILE",
               help="Also write a contact sheet (self-contained HTML with the images).")
-def similar(store, image, id_, duplicates, threshold, top_k, fmt, html_out):
-    """Find the images of a store most similar to a query (exact cosine search on the stored features), or its
-    near-duplicate pairs.
+@click.option("--index", "index", type=click.Choice(["exact", "faiss", "auto"]), default="exact", show_default=True,
+              help="exact: chunked search, bounded memory. faiss (extra 'ann'): every vector in memory; exact for a "
+                   "query, approximate (IVF) for --duplicates. auto: faiss where measured to pay and it fits in memory.")
+def similar(store, image, id_, duplicates, threshold, top_k, fmt, html_out, index):
+    """Find the images of a store most similar to a query (cosine search on the stored features), or its
+    near-duplicate pairs. The output says which index answered and whether the answer is exact (json and csv:
+    fields index and exact; table: a line on stderr).
 
     \b
     Examples:
       tlfx similar train.h5 --image query.png --top-k 5
       tlfx similar train.h5 --id cats/001.png --format json
       tlfx similar train.h5 --duplicates --threshold 0.98 --html dups.html
+      tlfx similar big.h5 --duplicates --index auto --format json
     """
     from ..errors import TlfxError
     from ..export import open_complete
-    from ..similar import contact_sheet, embed_query, nearest, row_of_id
+    from ..similar import choose_index, contact_sheet, embed_query, nearest, row_of_id
     from ..similar import duplicates as find_dups
 
     if sum(x is not None and x is not False for x in (image, id_, duplicates or None)) != 1:
         raise TlfxError("give exactly one of --image FILE, --id ID or --duplicates")
     st = open_complete(store)
+    used = choose_index(st, index, "duplicates" if duplicates else "nearest")
     if duplicates:
-        rows, total = find_dups(st, threshold)
+        rows, total = find_dups(st, threshold, index=used["index"])
         cols = ["rank", "similarity", "id_a", "class_a", "id_b", "class_b"]
         groups = [(f"pairs with cosine similarity >= {threshold}", rows)]
         note = f"{total} pairs found, {len(rows)} shown" if total > len(rows) else f"{total} pairs"
     else:
         query = row_of_id(st, id_)[1] if id_ is not None else embed_query(st, image)
-        rows = nearest(st, query, top_k)
+        rows = nearest(st, query, top_k, index=used["index"])
         cols = ["rank", "similarity", "id", "class", "label"]
         groups = [(f"nearest to {id_ if id_ is not None else image}", rows)]
         note = None
+    if fmt != "table":
+        rows = [{**r, "index": used["index"], "exact": used["exact"]} for r in rows]
+        cols = [*cols, "index", "exact"]
     _print(rows, cols, fmt)
-    if note and fmt == "table":
-        click.echo(note, err=True)
+    if fmt == "table":
+        if note:
+            click.echo(note, err=True)
+        click.echo(f"index: {used['index']} ({'exact' if used['exact'] else 'approximate'}; {used['why']})", err=True)
     if html_out:
         from ..safetext import terminal
 
