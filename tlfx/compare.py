@@ -360,7 +360,7 @@ def compare(train: str, test: str, heads, out: str, *, search: bool = False, fol
                     curves.append(_curve(set_kind, set_label, name, s_tr, s_te, points, row, search, seed, prog,
                                          row["normalize"]))
         for path in finetune:
-            rows.append(_model_row(path, te_store, k, n_boot, seed, (trust_types, trust_pickle), prog))
+            rows.append(model_row(path, te_store, k, n_boot, seed, (trust_types, trust_pickle), prog))
 
         best = max(rows, key=lambda r: (r["accuracy"], r["macro_f1"], -rows.index(r)))
         pareto = pareto_front(rows)
@@ -546,12 +546,18 @@ def _curve(set_kind, set_label, name, s_tr: Split, s_te: Split, points, row, sea
     return out
 
 
-def _model_row(path: str, te_store: FeatureStore, k: int, n_boot: int, seed: int, trust: tuple, prog: Progress):
-    """A row for a saved model file (fine-tune, or any tlfx model) scored on the test store's rows."""
+def model_row(path: str, te_store: FeatureStore, k: int, n_boot: int, seed: int, trust: tuple, prog: Progress,
+              model=None) -> dict:
+    """A row for a saved model file (fine-tune, or any tlfx model) scored on the test store's labelled rows.
+
+    ``predictions`` are in the store's order of labelled rows (as a head row's); ``model`` is the file already
+    loaded (else it is loaded with ``trust``). Used by store mode and, once per model, by the backbone sweep.
+    """
     from .models import load_model
 
     prog.step(f"model {terminal(os.path.basename(path))}")
-    model = load_model(path, trust_types=trust[0], trust_pickle=trust[1])
+    if model is None:
+        model = load_model(path, trust_types=trust[0], trust_pickle=trust[1])
     if model.class_names and model.class_names != te_store.class_names:
         raise TlfxError(f"model {path!r} was trained on other classes than the test store {te_store.path!r}; "
                         f"use a model trained on the same dataset")
@@ -596,10 +602,15 @@ def _model_row(path: str, te_store: FeatureStore, k: int, n_boot: int, seed: int
 def _model_feature_label(model) -> str:
     """What a model file's row runs on: its backbone (and how it was trained, for a fine-tune)."""
     meta, cfg = model.meta, model.config or {}
-    backbone = cfg.get("backbone") or meta.get("backbone") or "?"
+    backbone = model_backbone(model)
     size = cfg.get("image_size") or meta.get("image_size")
     how = f"fine-tuned ({meta['unfreeze']})" if meta.get("unfreeze") else ("cached features" if cfg else model.kind)
     return f"{backbone} ({how}{f', {size} px' if size else ''})"
+
+
+def model_backbone(model) -> str:
+    """The backbone a model file runs ('?' when it records none)."""
+    return str((model.config or {}).get("backbone") or model.meta.get("backbone") or "?")
 
 
 def pareto_front(rows) -> list[str]:

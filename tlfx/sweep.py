@@ -196,8 +196,12 @@ def _stderr(text: str):
 def sweep(data: str, backbones, layers, heads, out: str, *, cache: str | None = None, opts: SweepOptions | None = None,
           search: bool = False, folds: int = 3, learning_curve=DEFAULT_CURVE, n_boot: int = 1000, seed: int = 0,
           gallery: int = 24, progress: bool = False, log=_stderr, engine: str = "local", address: str | None = None,
-          argv: list | None = None, normalize=None) -> dict:
+          argv: list | None = None, normalize=None, finetune=(), trust_types=(), trust_pickle: bool = False) -> dict:
     """Extract what is missing, compare ``heads`` on every backbone x layers configuration, write one report.
+
+    ``finetune``: model files (``tlfx finetune``) each scored once on the test split's images (the same images,
+    matched by id, as the head rows) and added as rows of their own; ``trust_types``/``trust_pickle`` as for
+    :func:`tlfx.models.load_model`.
 
     Writes ``out/report.html``, ``report.json`` and ``report.md`` (the merged grid), ``out/configs/<config>/`` (each
     configuration's full compare report) and, unless ``cache`` names another folder, the stores in
@@ -232,6 +236,9 @@ def sweep(data: str, backbones, layers, heads, out: str, *, cache: str | None = 
 
     splits = {"train": load_dataset(data, split=opts.train_split, root=opts.root, limit=opts.limit),
               "test": load_dataset(data, split=opts.test_split, root=opts.root, limit=opts.test_limit)}
+    finetune = [os.fspath(p) for p in (finetune or ())]
+    for path in finetune:  # before any extraction: a wrong file costs nothing
+        check_model_file(path, data, splits["test"].class_names)
     limits = {"train": opts.limit, "test": opts.test_limit}
     plan = [(b, lay) for b in names for lay in layer_specs]
     lg = _Log(len(plan) * 3, log)
@@ -267,7 +274,12 @@ def sweep(data: str, backbones, layers, heads, out: str, *, cache: str | None = 
             configs.append(cfg)
         del bb
 
-    report = merge(configs, per_config, head_names, n_boot=n_boot, seed=seed)
+    scored = []
+    for path in finetune:
+        cfg, row, model = score_model_file(path, configs, n_boot, seed, (trust_types, trust_pickle))
+        lg.say(f"--finetune {path}: accuracy {row['accuracy']:.3f} on the test images of {cfg['id']}")
+        scored.append((cfg, row, model))
+    report = merge(configs, per_config, head_names, n_boot=n_boot, seed=seed, models=scored)
     report.update({
         "tlfx_version": __version__,
         "command": argv,
@@ -276,7 +288,7 @@ def sweep(data: str, backbones, layers, heads, out: str, *, cache: str | None = 
                    "layers": layer_specs, "heads": head_names, "pooling": opts.pooling, "image_size": opts.image_size,
                    "precision": opts.precision, "runtime": opts.runtime, "search": bool(search), "cv_folds": folds,
                    "learning_curve": learning_curve, "bootstrap_resamples": n_boot, "seed": seed,
-                   "cache": os.path.abspath(cache)},
+                   "finetune": [os.path.abspath(p) for p in finetune], "cache": os.path.abspath(cache)},
         "log": lg.lines,
     })
     report["embedding"] = embedding_map(report, per_config, seed=seed)
@@ -333,13 +345,100 @@ def _run_config(bb, name: str, layers: str, splits: dict, limits: dict, opts: Sw
             "store_bytes": stores["train"]["bytes"] + stores["test"]["bytes"], "stores": stores}
 
 
+# ------------------------------------------------------------------------------------------------ fine-tuned rows
+def check_model_file(path: str, data: str, class_names) -> dict:
+    """The record of a ``--finetune`` file, refused (one line) when it is not a tlfx model or names other classes
+    than the dataset; read before any extraction so that a wrong file costs nothing."""
+    from .models import read_meta
+
+    meta = read_meta(path)
+    names, want = list(meta.get("class_names") or []), list(class_names)
+    if names and names != want:
+        raise TlfxError(f"--finetune {path!r} was trained on other classes ({len(names)}: "
+                        f"{terminal(', '.join(map(str, names[:4])))}...) than {data!r} ({len(want)}: "
+                        f"{terminal(', '.join(map(str, want[:4])))}...); pass a model fine-tuned on the same dataset")
+    return meta
+
+
+def score_model_file(path: str, configs: list[dict], n_boot: int, seed: int, trust: tuple):
+    """Score a model file once on the sweep's test images: ``(configuration whose test store was used, row, model)``.
+
+    The row is store mode's (:func:`tlfx.compare.model_row`). A fine-tuned network re-reads the images any test
+    store points to (they are the same images in every configuration); a model that reads cached features (a head
+    file) is scored on the test store of the configuration it was fitted on, and refused when there is none.
+    """
+    from .compare import Progress, model_backbone, model_row
+    from .models import load_model
+    from .store import FeatureStore
+
+    model = load_model(path, trust_types=trust[0], trust_pickle=trust[1])
+    chosen = configs[0]
+    if getattr(model, "reads_features", True):
+        chosen = None
+        for c in configs:
+            try:
+                model.check_store(FeatureStore(c["stores"]["test"]["path"]))
+            except TlfxError:
+                continue
+            chosen = c
+            break
+        if chosen is None:
+            raise TlfxError(f"--finetune {path!r} is a {terminal(model.kind)!r} model that reads features of "
+                            f"{terminal(model_backbone(model))!r} made unlike every configuration of this sweep; pass "
+                            f"a fine-tuned model (tlfx finetune) or a head fitted on one of the sweep's stores")
+    st = FeatureStore(chosen["stores"]["test"]["path"])
+    row = model_row(path, st, len(st.class_names), n_boot, seed, trust, Progress(1), model=model)
+    return chosen, row, model
+
+
+def _model_rows(models, rows: list[dict], correct: dict):
+    """Append one merged row per scored model file (see :func:`score_model_file`) and its right/wrong per image id."""
+    from .compare import model_backbone
+
+    used, labels = {r["id"] for r in rows}, {r["label"] for r in rows}
+    for c, r, model in models:
+        name = r["id"].split("/", 1)[-1]
+        rid = f"finetune/{_slug(name)}"
+        while rid in used:
+            rid += "_"
+        used.add(rid)
+        backbone = model_backbone(model)
+        tuned = not getattr(model, "reads_features", True)
+        label = f"fine-tuned: {backbone}" if tuned else f"model: {name}"
+        if label in labels:
+            label += f" ({name})"
+        while label in labels:
+            label += "'"
+        labels.add(label)
+        t = r["timing"]
+        fit, ps = t.get("fit_seconds"), float(t.get("predict_seconds") or 0.0)
+        rows.append({
+            "id": rid, "config": None, "scored_on": c["id"], "kind": r["kind"], "backbone": backbone,
+            "layers": "fine-tuned" if tuned else "model file", "head": r["head"], "label": label,
+            "feature_label": r["feature_label"],
+            "accuracy": r["accuracy"], "accuracy_ci95": r["accuracy_ci95"],
+            "macro_f1": r["macro_f1"], "macro_f1_ci95": r["macro_f1_ci95"], "n_test": r["n_test"],
+            "cv_accuracy": None,
+            "timing": {"fit_seconds": fit, "predict_seconds": ps,
+                       "predict_seconds_per_1000": t.get("predict_seconds_per_1000"), "extract_seconds": None,
+                       "total_cost_seconds": (fit or 0.0) + ps},
+            "model_file": r["model_file"], "size_bytes": r["size_bytes"], "warnings": r["warnings"],
+        })
+        ids, y = _test_ids(c), np.asarray(_test_labels(c))
+        pred = np.asarray(r["predictions"])
+        correct[rid] = dict(zip(ids, (pred == y).tolist())) if len(pred) == len(y) == len(ids) else {}
+
+
 # ------------------------------------------------------------------------------------------------------ merging
 def row_label(backbone: str, layers: str, head: str, show_layers: bool) -> str:
     return f"{backbone}/{layers}+{head}" if show_layers else f"{backbone}+{head}"
 
 
-def merge(configs: list[dict], per_config: dict, heads: list[str], n_boot: int = 1000, seed: int = 0) -> dict:
-    """One row per configuration x head (accuracy, CIs, fit time, total cost), the best row and the paired tests."""
+def merge(configs: list[dict], per_config: dict, heads: list[str], n_boot: int = 1000, seed: int = 0,
+          models=()) -> dict:
+    """One row per configuration x head (accuracy, CIs, fit time, total cost) and per scored model file
+    (``models``: what :func:`score_model_file` returns; total cost = training + prediction time), the best row and
+    the paired tests."""
     from .metrics import paired_comparison
 
     show_layers = len({c["layers"] for c in configs}) > 1
@@ -366,6 +465,7 @@ def merge(configs: list[dict], per_config: dict, heads: list[str], n_boot: int =
             })
             pred = np.asarray(r["predictions"])
             correct[rid] = dict(zip(ids, (pred == y).tolist())) if len(pred) == len(y) == len(ids) else {}
+    _model_rows(models or (), rows, correct)
     if not rows:
         raise TlfxError("the sweep produced no rows; check --heads")
     best = max(rows, key=lambda r: (r["accuracy"], r["macro_f1"], -r["timing"]["total_cost_seconds"]))
@@ -449,6 +549,11 @@ def embedding_map(report: dict, per_config: dict, seed: int = 0) -> dict | None:
     from .store import FeatureStore
 
     best = next(r for r in report["rows"] if r["id"] == report["best"])
+    if best["config"] is None:  # a fine-tuned model is best: map the features of the best head row
+        best = max((r for r in report["rows"] if r["config"] is not None),
+                   key=lambda r: (r["accuracy"], r["macro_f1"]), default=None)
+        if best is None:
+            return None
     cfg = next(c for c in report["configs"] if c["id"] == best["config"])
     st = FeatureStore(cfg["stores"]["test"]["path"])
     y = st.labels

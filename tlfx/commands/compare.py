@@ -45,7 +45,8 @@ from ._trust import trust_options
 @click.option("--baseline", default=None, metavar="BACKBONE",
               help="Re-extract the same images with this backbone (e.g. pixels) and run the same heads on them.")
 @click.option("--finetune", multiple=True, type=str, metavar="M",
-              help="A fine-tuned (or any tlfx) model file to add as a row; repeatable.")
+              help="A fine-tuned (or any tlfx) model file to add as a row, scored once on the test images; "
+                   "repeatable. Both modes: in sweep mode the model is one more row of the merged report.")
 @click.option("--learning-curve", default="1,5,10,50,100,all", show_default=True, metavar="K,K,...|none",
               help="Labelled examples per class for the learning curves.")
 @click.option("--bootstrap", "n_boot", type=click.IntRange(min=0), default=1000, show_default=True,
@@ -70,6 +71,7 @@ def compare(train, test, data, backbones, layers, limit, test_limit, root, train
     extracted into a store cache keyed by its full configuration (reused when complete, resumed when not), the
     heads are compared on each, and one report shows the grid, the cost of each backbone and paired tests
     (McNemar) between the best row and the others; each configuration's own report is under DIR/configs/.
+    --finetune models are scored once on the same test images and join the merged report as rows of their own.
 
     \b
     Examples:
@@ -81,6 +83,8 @@ def compare(train, test, data, backbones, layers, limit, test_limit, root, train
       tlfx compare --train tr.h5 --test te.h5 --heads svm,logistic --search --normalize none,power --out r4
       tlfx compare --data digits --backbones pixels_grey,efficientnet_lite0 --heads linear,logistic,knn \\
                    --out sweep
+      tlfx compare --data digits --backbones pixels_grey,efficientnet_lite0 --heads logistic \\
+                   --finetune ft.tlfx --out sweep-ft
       tlfx compare --data fashion-mnist --limit 10000 --test-limit 2000 \\
                    --backbones efficientnet_lite0,efficientnet_lite1,pixels_grey --layers penultimate,multi \\
                    --heads linear,svm,knn --out sweep --cache ~/.cache/tlfx/stores
@@ -95,15 +99,18 @@ def compare(train, test, data, backbones, layers, limit, test_limit, root, train
         if not data or not backbones:
             raise TlfxError("sweep mode needs both --data SPEC and --backbones A,B,...; e.g. --data digits "
                             "--backbones pixels_grey,efficientnet_lite0")
-        for flag, value in (("--baseline", baseline), ("--finetune", finetune), ("--allow-incomplete", allow_incomplete)):
-            if value:
-                raise TlfxError(f"{flag} is for store mode (--train/--test); in sweep mode add the baseline to "
-                                f"--backbones (e.g. pixels_grey) instead")
+        if baseline:
+            raise TlfxError("--baseline is for store mode (--train/--test); in sweep mode add the baseline to "
+                            "--backbones (e.g. pixels_grey) instead")
+        if allow_incomplete:
+            raise TlfxError("--allow-incomplete is for store mode (--train/--test); a sweep resumes incomplete "
+                            "stores itself")
         return _sweep(data, backbones, layers, heads or list_heads(), out, cache=cache, limit=limit,
                       test_limit=test_limit, root=root, train_split=train_split, test_split=test_split,
                       image_size=image_size, pooling=pooling, precision=precision, batch_size=batch_size, tta=tta,
                       device=device, search=search, folds=folds, learning_curve=learning_curve, n_boot=n_boot,
-                      seed=seed, gallery=gallery, quiet=quiet, engine=engine, address=address, normalize=normalize)
+                      seed=seed, gallery=gallery, quiet=quiet, engine=engine, address=address, normalize=normalize,
+                      finetune=finetune, trust=(trust_types, trust_pickle))
     if train is None or test is None:
         raise TlfxError("compare needs --train F.h5 and --test T.h5 (store mode), or --data SPEC and --backbones "
                         "A,B,... (sweep mode)")
@@ -127,7 +134,7 @@ def compare(train, test, data, backbones, layers, limit, test_limit, root, train
 
 def _sweep(data, backbones, layers, heads, out, *, cache, limit, test_limit, root, train_split, test_split,
            image_size, pooling, precision, batch_size, tta, device, search, folds, learning_curve, n_boot, seed, gallery,
-           quiet, engine, address, normalize=None):
+           quiet, engine, address, normalize=None, finetune=(), trust=((), False)):
     from ..sweep import SweepOptions, sweep
 
     opts = SweepOptions(data=data, root=root, limit=limit, test_limit=test_limit, train_split=train_split,
@@ -135,7 +142,8 @@ def _sweep(data, backbones, layers, heads, out, *, cache, limit, test_limit, roo
                         device=None if device == "auto" else device, batch_size=batch_size, tta=tta)
     rep = sweep(data, backbones, layers, heads, out, cache=cache, opts=opts, search=search, folds=folds,
                 learning_curve=learning_curve, n_boot=n_boot, seed=seed, gallery=gallery, progress=not quiet,
-                engine=engine, address=address, argv=_argv(), normalize=normalize)
+                engine=engine, address=address, argv=_argv(), normalize=normalize, finetune=finetune,
+                trust_types=trust[0], trust_pickle=trust[1])
     best = next(r for r in rep["rows"] if r["id"] == rep["best"])
     labels = {r["id"]: terminal(r["label"]) for r in rep["rows"]}
     width = max(len(v) for v in labels.values())

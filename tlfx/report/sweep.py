@@ -38,11 +38,15 @@ def make_sweep_figures(report: dict, directory: str) -> dict:
 
     with plt.rc_context(RC):
         add("grid_heatmap", "Test accuracy: backbone x layers (rows) by head (columns)",
-            "Each cell is one head fitted on one configuration's training store and scored once on the test store. "
-            "The black box marks the best row.", lambda plt, p: _heatmap(plt, p, report))
+            "Each cell is one head fitted on one configuration's training store and scored once on the test store"
+            + ("; a line that spans every column is a fine-tuned model (--finetune), scored once on the same test "
+               "images" if model_lines(report) else "")
+            + ". The black box marks the best row.", lambda plt, p: _heatmap(plt, p, report))
         add("accuracy_vs_cost", "Accuracy vs total cost",
-            "Test accuracy (bars: 95% bootstrap CI) against extraction of both splits plus head fit time, log scale. "
-            "Colour: backbone; marker: head. Rings and the dashed line mark the Pareto front.",
+            "Test accuracy (bars: 95% bootstrap CI) against extraction of both splits plus head fit time, log scale"
+            + ("; for a fine-tuned model (stars): its recorded training time plus its prediction time on the test "
+               "images" if model_lines(report) else "")
+            + ". Colour: backbone; marker: head. Rings and the dashed line mark the Pareto front.",
             lambda plt, p: _cost(plt, p, report))
         curves = report.get("learning_curves") or []
         if curves:
@@ -70,10 +74,19 @@ def grid(report: dict):
     return cfgs, labels, heads, acc
 
 
+def model_lines(report: dict) -> list[dict]:
+    """The rows of model files (--finetune) in report order: each is one line of the grid with a single cell."""
+    return [r for r in report["rows"] if r.get("config") is None]
+
+
 def _heatmap(plt, path, report):
     cfgs, labels, heads, acc = grid(report)
+    extra = model_lines(report)
+    cfgs, labels = cfgs + [r["id"] for r in extra], labels + [r["label"] for r in extra]
+    acc = np.vstack([acc, np.full((len(extra), len(heads)), np.nan)])
     fig, ax = plt.subplots(figsize=(2.6 + 1.25 * len(heads), 1.4 + 0.55 * len(cfgs)))
     finite = acc[np.isfinite(acc)]
+    finite = np.concatenate([finite, [r["accuracy"] for r in extra]])
     lo = float(finite.min()) if finite.size else 0.0
     im = ax.imshow(acc, cmap="viridis", vmin=max(0.0, lo - 0.02), vmax=1.0, aspect="auto")
     ax.grid(False)
@@ -84,8 +97,17 @@ def _heatmap(plt, path, report):
                 bright = (acc[i, j] - im.norm.vmin) / max(im.norm.vmax - im.norm.vmin, 1e-9) > 0.6
                 ax.text(j, i, f"{acc[i, j]:.3f}", ha="center", va="center", fontsize=9,
                         color="black" if bright else "white")
-    bi, bj = cfgs.index(best["config"]), heads.index(best["head"])
-    ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), 1, 1, fill=False, ec="black", lw=2.5))
+    for i, r in enumerate(extra, start=len(cfgs) - len(extra)):  # one cell across every head column
+        v = r["accuracy"]
+        ax.add_patch(plt.Rectangle((-0.5, i - 0.5), len(heads), 1, color=im.cmap(im.norm(v)), lw=0))
+        bright = (v - im.norm.vmin) / max(im.norm.vmax - im.norm.vmin, 1e-9) > 0.6
+        ax.text((len(heads) - 1) / 2, i, f"{v:.3f}", ha="center", va="center", fontsize=9,
+                color="black" if bright else "white")
+    if best["config"] is None:
+        bi, bj, bw = cfgs.index(best["id"]), 0, len(heads)
+    else:
+        bi, bj, bw = cfgs.index(best["config"]), heads.index(best["head"]), 1
+    ax.add_patch(plt.Rectangle((bj - 0.5, bi - 0.5), bw, 1, fill=False, ec="black", lw=2.5))
     ax.set_xticks(range(len(heads)))
     ax.set_xticklabels([_short(h, 16) for h in heads])
     ax.set_yticks(range(len(cfgs)))
@@ -109,8 +131,9 @@ def _cost(plt, path, report):
         lo, hi = r["accuracy_ci95"]
         yerr = [[r["accuracy"] - lo], [hi - r["accuracy"]]] if lo is not None else None
         c = HEAD_COLORS[backbones.index(r["backbone"]) % len(HEAD_COLORS)]
-        mk = MARKERS[heads.index(r["head"]) % len(MARKERS)] if r["head"] in heads else "o"
-        ax.errorbar([t], [r["accuracy"]], yerr=yerr, fmt=mk, color=c, ms=7, capsize=3, alpha=0.9)
+        model = r.get("config") is None
+        mk = "*" if model else MARKERS[heads.index(r["head"]) % len(MARKERS)] if r["head"] in heads else "o"
+        ax.errorbar([t], [r["accuracy"]], yerr=yerr, fmt=mk, color=c, ms=12 if model else 7, capsize=3, alpha=0.9)
         if r["id"] in front:
             ax.plot([t], [r["accuracy"]], "o", ms=15, mfc="none", mec="black", mew=1.4)
     fr = sorted((max(r["timing"]["total_cost_seconds"], 1e-3), r["accuracy"]) for r in rows if r["id"] in front)
@@ -118,7 +141,8 @@ def _cost(plt, path, report):
         ax.step([p[0] for p in fr], [p[1] for p in fr], "k--", where="post", lw=1, alpha=0.6)
     ax.set_xscale("log")
     plain_log_ticks(ax)
-    ax.set_xlabel("extraction (train + test) + fit time (s, log scale)")
+    ax.set_xlabel("extraction (train + test) + fit time" + ("; fine-tuned: training + prediction" if
+                  model_lines(report) else "") + " (s, log scale)")
     ax.set_ylabel("test accuracy")
     ax.margins(x=0.3)
     _labels(fig, ax, [(max(r["timing"]["total_cost_seconds"], 1e-3), r["accuracy"], _t(r["label"]))
@@ -127,6 +151,8 @@ def _cost(plt, path, report):
                for i, b in enumerate(backbones)]
     handles += [plt.Line2D([], [], marker=MARKERS[i % len(MARKERS)], ls="", color="#555", label=_t(h))
                 for i, h in enumerate(heads)]
+    if model_lines(report):
+        handles.append(plt.Line2D([], [], marker="*", ms=11, ls="", color="#555", label="fine-tuned model"))
     ax.legend(handles=handles, loc="best", fontsize=8.5)
     return _save(fig, path)
 
@@ -197,7 +223,9 @@ def render_sweep_html(report: dict, figures: dict) -> str:
     n_te = report["configs"][0]["stores"]["test"]["n"]
     w(f"<p class=\"sub\">{len(report['configs'])} configurations ({e(', '.join(cfg['backbones']))}; layers "
       f"{e(', '.join(cfg['layers']))}) × {len(report['heads'])} heads · train {e(n_tr)} images "
-      f"({e(cfg['train_split'])}), test {e(n_te)} images ({e(cfg['test_split'])}) · tlfx {e(report['tlfx_version'])}</p>")
+      f"({e(cfg['train_split'])}), test {e(n_te)} images ({e(cfg['test_split'])})"
+      + (f" · {len(model_lines(report))} fine-tuned model(s)" if model_lines(report) else "")
+      + f" · tlfx {e(report['tlfx_version'])}</p>")
     w("<div class=\"cards\">")
     w(f"<div class=\"card\"><span>best row</span><b>{e(best['label'])}</b><span>accuracy {_hnum(best['accuracy'])}"
       f"{_ci_h(best['accuracy_ci95'])}</span></div>")
@@ -226,26 +254,34 @@ def render_sweep_html(report: dict, figures: dict) -> str:
             cls = " class=\"best\"" if r is not None and r["id"] == best["id"] else ""
             cells.append(f"<td{cls}>{_hnum(r['accuracy']) + _ci_h(r['accuracy_ci95']) if r else '–'}</td>")
         w(f"<tr><td class=\"l\">{e(lbl)}</td>{''.join(cells)}</tr>")
+    for r in model_lines(report):  # a fine-tuned model has no head: one cell across the head columns
+        cls = "best" if r["id"] == best["id"] else ""
+        w(f"<tr class=\"model-line\" data-row=\"{e(r['id'])}\"><td class=\"l\">{e(r['label'])}</td>"
+          f"<td colspan=\"{len(heads)}\" class=\"{cls}\">{_hnum(r['accuracy'])}{_ci_h(r['accuracy_ci95'])}</td></tr>")
     w("</tbody></table></div>")
 
     w("<h2 id=\"results\">Every row</h2>")
     w(f"<p class=\"note\">Accuracy and macro-F1 on the test store with 95% bootstrap confidence intervals "
       f"({e(cfg['bootstrap_resamples'])} resamples, seed {e(cfg['seed'])}). Total cost: extraction of both splits "
-      f"(as measured when the stores were made) plus the head's fit time, wall-clock on this machine.</p>")
+      f"(as measured when the stores were made) plus the head's fit time, wall-clock on this machine"
+      + ("; for a fine-tuned model, its recorded training time plus its prediction time on the test images"
+         if model_lines(report) else "") + ".</p>")
     w("<div class=\"scroll\"><table id=\"results-table\"><thead><tr><th class=\"l\">row</th><th class=\"l\">backbone"
       "</th><th class=\"l\">layers</th><th class=\"l\">head</th><th>accuracy</th><th>macro-F1</th><th>fit time</th>"
       "<th>total cost</th><th class=\"l\">details</th></tr></thead><tbody>")
     for r in sorted(rows, key=lambda r: -r["accuracy"]):
         tags = ("<span class=\"tag best\">best</span>" if r["id"] == best["id"] else "") + (
             "<span class=\"tag pareto\">Pareto</span>" if r["id"] in front else "")
-        c = next(c for c in report["configs"] if c["id"] == r["config"])
+        c = next((c for c in report["configs"] if c["id"] == r["config"]), None)
+        details = (f"<a href=\"{e(c['report'])}\">report</a>" if c is not None else
+                   f"model file {e(os.path.basename(str(r.get('model_file') or '')))}")
         w(f"<tr class=\"result-row{' best' if r['id'] == best['id'] else ''}\" data-row=\"{e(r['id'])}\">"
           f"<td class=\"l\">{e(r['label'])}{tags}</td><td class=\"l\">{e(r['backbone'])}</td>"
           f"<td class=\"l\">{e(r['layers'])}</td><td class=\"l\">{e(r['head'])}</td>"
           f"<td>{_hnum(r['accuracy'])}{_ci_h(r['accuracy_ci95'])}</td>"
           f"<td>{_hnum(r['macro_f1'])}{_ci_h(r['macro_f1_ci95'])}</td>"
           f"<td>{_fmt_s(r['timing']['fit_seconds'])}</td><td>{_fmt_s(r['timing']['total_cost_seconds'])}</td>"
-          f"<td class=\"l\"><a href=\"{e(c['report'])}\">report</a></td></tr>")
+          f"<td class=\"l\">{details}</td></tr>")
     w("</tbody></table></div>")
 
     w("<h2 id=\"cost\">Cost per configuration</h2>")
@@ -300,6 +336,10 @@ def render_sweep_markdown(report: dict) -> str:
             cell = f"{_mnum(r['accuracy'])}{_ci_m(r['accuracy_ci95'])}" if r else "–"
             cells.append(f"**{cell}**" if r is not None and r["id"] == best["id"] else cell)
         out.append(f"| {m(lbl)} | " + " | ".join(cells) + " |")
+    for r in model_lines(report):  # one cell (under the first head); the model has no head
+        cell = f"{_mnum(r['accuracy'])}{_ci_m(r['accuracy_ci95'])}"
+        cells = [f"**{cell}**" if r["id"] == best["id"] else cell] + [""] * (len(heads) - 1)
+        out.append(f"| {m(r['label'])} | " + " | ".join(cells) + " |")
     out += ["", "## Every row", "",
             "| row | backbone | layers | head | accuracy [95% CI] | macro-F1 [95% CI] | fit time | total cost |",
             "|---|---|---|---|---|---|---|---|"]
