@@ -196,6 +196,11 @@ class SVMHead(ClassifierHead):
             steps.append(svc)
         self.model_ = make_pipeline(*steps)
         self.model_.fit(X, y_idx)
+        if self.projected_:
+            # PCA keeps a strided view of its SVD; a loaded model file holds a contiguous copy, and BLAS rounds the
+            # two differently: make them the same array layout so a saved model predicts bit for bit as fitted
+            pca = self.model_[-3 if self.approximate_ else -2]
+            pca.components_ = np.ascontiguousarray(pca.components_)
         if self.calibrated_:
             self._keep_platt_coefficients()
 

@@ -74,6 +74,7 @@ def test_cache_key_changes_with_every_configuration_field():
         "precision": {**base_cfg, "precision": "bf16"},
         "runtime": {**base_cfg, "runtime": "openvino"},
         "tta": {**base_cfg, "tta": "flip"},
+        "components": {**base_cfg, "components": [{"config": {**base_cfg, "backbone": "pixels"}, "columns": [0, 1024]}]},
     }
     from tlfx.config import FIELDS
 
