@@ -50,7 +50,7 @@ REPO = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 sys.path.insert(0, REPO)
 
-from extract_speed import WEIGHTS, loadavg, machine, make_folder  # noqa: E402
+from extract_speed import WEIGHTS, loadavg, machine, make_folder, save  # noqa: E402
 
 RUNTIMES = {"torch": ("torch", "auto"), "openvino": ("openvino", "auto"), "openvino-int8": ("openvino", "int8")}
 STAGES = ("list", "read", "decode", "resize", "normalise", "network", "write")
@@ -289,12 +289,6 @@ def run(a) -> dict:
     if tmp is not None:
         tmp.cleanup()
     return res
-
-
-def save(res: dict, path: str | None):
-    if path:
-        with open(path, "w") as f:
-            json.dump(res, f, indent=1)
 
 
 def print_table(res: dict):
