@@ -17,7 +17,7 @@ from sklearn.ensemble import RandomForestClassifier
 from sklearn.kernel_approximation import Nystroem
 from sklearn.linear_model import LogisticRegression, RidgeClassifier, SGDClassifier
 from sklearn.neighbors import KNeighborsClassifier
-from sklearn.pipeline import make_pipeline
+from sklearn.pipeline import Pipeline, make_pipeline
 from sklearn.preprocessing import StandardScaler
 from sklearn.svm import SVC
 
@@ -174,12 +174,11 @@ class SVMHead(ClassifierHead):
     def _fit(self, X, y_idx, n_classes):
         self.approximate_ = bool(self.kernel == "rbf" and len(X) > self.max_exact)
         self.calibrated_ = bool(self.probability and not self.approximate_ and _min_count(y_idx) >= 2)
-        steps = [StandardScaler()] if self.standardize else []
-        Xs = steps[0].fit_transform(X) if steps else X
+        scaler = StandardScaler() if self.standardize else None
+        Xs = scaler.fit_transform(X) if scaler is not None else X
         gamma = self._gamma(Xs)
         self.projected_ = bool(self.pca is not None and X.shape[1] > self.pca and len(X) > self.pca)
-        if self.projected_:
-            steps.append(PCA(n_components=self.pca, random_state=self.random_state))
+        steps = [PCA(n_components=self.pca, random_state=self.random_state)] if self.projected_ else []
         if self.approximate_:
             steps += [Nystroem(kernel="rbf", gamma=gamma, n_components=min(self.n_components, len(X)),
                                random_state=self.random_state),
@@ -194,8 +193,10 @@ class SVMHead(ClassifierHead):
 
                 svc = CalibratedClassifierCV(svc, method="sigmoid", ensemble=False, cv=min(3, _min_count(y_idx)))
             steps.append(svc)
-        self.model_ = make_pipeline(*steps)
-        self.model_.fit(X, y_idx)
+        # the scaler is fitted once (gamma needs its output); the rest is fitted on that output
+        self.model_ = make_pipeline(*steps).fit(Xs, y_idx)
+        if scaler is not None:
+            self.model_ = Pipeline([("standardscaler", scaler), *self.model_.steps])
         if self.projected_:
             # PCA keeps a strided view of its SVD; a loaded model file holds a contiguous copy, and BLAS rounds the
             # two differently: make them the same array layout so a saved model predicts bit for bit as fitted

@@ -140,9 +140,9 @@ def test_fit_evaluate_and_predict_on_combined_stores(stores, tmp_path):
         Image.fromarray(np.asarray(ds.load(i).convert("RGB"))).save(p)
         paths.append(str(p))
     m = tlfx.load_model(str(model))
-    from tlfx.combine import embed_components
+    from tlfx.combine import embed
 
-    feats, ok, bad = embed_components(m.config, paths)
+    feats, ok, bad = embed(m.config, paths)
     assert ok == paths and not bad and feats.shape == (3, 1536)
     want = te_store.features[[rows[ds.ids[i]] for i in range(3)]]
     assert np.allclose(feats, want, atol=1e-4)

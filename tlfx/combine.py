@@ -158,17 +158,36 @@ def component_computers(config: dict, device=None) -> list:
     return [FeatureComputer.from_config(c["config"], device=device) for c in FeatureConfig.from_dict(config).components]
 
 
-def embed_components(config: dict, paths: list[str], computers: list | None = None):
-    """Features of image files for a combined configuration (``tlfx predict``): each component's features, side by
-    side in column order. Returns what :func:`tlfx.extraction.embed_images` returns; ``computers``: those of
-    :func:`component_computers`, when already built."""
+def computer_for(config: dict, device=None):
+    """What computes the features a store or model records, rebuilt and verified: its backbone, or for a combined
+    configuration the list of its components' backbones."""
+    if FeatureConfig.from_dict(config).components:
+        return component_computers(config, device=device)
+    from .extraction import FeatureComputer
+
+    return FeatureComputer.from_config(config, device=device)
+
+
+def embed(config: dict, paths: list[str], computer=None, **kw):
+    """Features of image files for a store's or model's configuration (``tlfx predict``, ``tlfx similar --image``):
+    one backbone's, or a combined configuration's components side by side in column order. Returns what
+    :func:`tlfx.extraction.embed_images` returns; ``computer``: what :func:`computer_for` built, when already built;
+    ``kw`` goes to ``embed_images``."""
+    from .extraction import embed_images
+
+    computer = computer or computer_for(config)
+    if not isinstance(computer, list):
+        return embed_images(computer, list(paths), **kw)
+    return _embed_components(config, paths, computer, **kw)
+
+
+def _embed_components(config: dict, paths: list[str], computers: list, **kw):
     from .extraction import embed_images
 
     comps = FeatureConfig.from_dict(config).components
-    computers = computers or component_computers(config)
     blocks, ok, bad = [], None, []
     for c, computer in zip(comps, computers):
-        feats, ok_c, bad_c = embed_images(computer, list(paths))
+        feats, ok_c, bad_c = embed_images(computer, list(paths), **kw)
         if ok is None:
             ok, bad = ok_c, bad_c
         elif ok_c != ok:

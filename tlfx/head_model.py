@@ -173,25 +173,15 @@ class HeadModel(Model):
         """The backbone that made the training features, rebuilt and verified (weights sha256) for new images;
         for a head fitted on a combined store (``tlfx combine``), the list of its components' backbones."""
         if self._computer is None:
-            if self.config.get("components"):
-                from .combine import component_computers
+            from .combine import computer_for
 
-                self._computer = component_computers(self.config, device=device)
-            else:
-                from .extraction import FeatureComputer
-
-                self._computer = FeatureComputer.from_config(self.config, device=device)
+            self._computer = computer_for(self.config, device=device)
         return self._computer
 
     def predict_proba_images(self, paths: list[str]):
-        if self.config.get("components"):  # each source backbone's features, side by side as in the store
-            from .combine import embed_components
+        from .combine import embed
 
-            feats, ok, bad = embed_components(self.config, list(paths), self.feature_computer())
-        else:
-            from .extraction import embed_images
-
-            feats, ok, bad = embed_images(self.feature_computer(), list(paths))
+        feats, ok, bad = embed(self.config, list(paths), self.feature_computer())
         if not ok:
             return np.zeros((0, len(self.class_names))), ok, bad
         return self.predict_proba_features(feats), ok, bad

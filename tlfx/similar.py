@@ -279,19 +279,14 @@ def _pairs_faiss(store, threshold: float, block_rows: int) -> tuple[list[tuple[f
 
 def embed_query(store, image: str) -> np.ndarray:
     """The features of the image file ``image``, made with the store's own backbone configuration."""
-    from .extraction import FeatureComputer, embed_images
+    from .combine import embed
     from .safetext import terminal
 
     cfg = store.config
     if str(cfg.get("backbone") or "").startswith("imported:"):
         raise TlfxError(f"store {store.path!r} holds imported features ({terminal(cfg['backbone'])}), which tlfx "
                         f"cannot compute for a new image; use --id instead")
-    if cfg.get("components"):  # a combined store: every source backbone, side by side
-        from .combine import embed_components
-
-        feats, ok, bad = embed_components(cfg, [image])
-    else:
-        feats, ok, bad = embed_images(FeatureComputer.from_config(cfg), [image], batch_size=1)
+    feats, ok, bad = embed(cfg, [image], batch_size=1)  # a combined store: every source backbone, side by side
     if not ok:
         reason = bad[0][1] if bad else "unreadable"
         raise TlfxError(f"--image {terminal(image)!r} cannot be read as an image ({terminal(reason)}); give an image file")
