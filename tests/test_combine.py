@@ -108,6 +108,18 @@ def test_out_that_exists_or_is_a_source_is_refused(stores, tmp_path):
     assert proc.returncode == 2 and "at least 2 stores" in proc.stderr
 
 
+def test_sources_that_are_not_regular_files_are_refused_without_opening_them(stores, tmp_path):
+    import os
+
+    fifo, loop = tmp_path / "fifo.h5", tmp_path / "loop.h5"
+    os.mkfifo(fifo)  # opening it for reading would block forever
+    loop.symlink_to(loop)
+    for bad in (fifo, loop):  # a directory is refused by click already
+        proc = cli_here("combine", stores["px-train"], bad, "--out", tmp_path / "o.h5")
+        assert proc.returncode == 2 and "not a regular file" in proc.stderr and "Traceback" not in proc.stderr
+    assert not (tmp_path / "o.h5").exists()
+
+
 def test_fit_evaluate_and_predict_on_combined_stores(stores, tmp_path):
     tr, te, swapped = tmp_path / "tr.h5", tmp_path / "te.h5", tmp_path / "te-swapped.h5"
     cli_here("combine", stores["px-train"], stores["lite-train"], "--out", tr, check=True)

@@ -89,6 +89,9 @@ def _check_paths(paths: list[str], out: str, overwrite: bool):
     seen: dict[str, str] = {}
     for p in paths:
         if not os.path.isfile(p):
+            if os.path.lexists(p):
+                raise TlfxError(f"feature store {p!r} is not a regular file (a directory, FIFO, device or link loop); "
+                                f"name the .h5 file tlfx extract wrote")
             raise TlfxError(f"feature store {p!r} does not exist; make it with tlfx extract")
         key = os.path.realpath(p)
         if key in seen:
