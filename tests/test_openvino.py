@@ -157,7 +157,7 @@ def test_without_openvino_auto_falls_back_to_torch_and_openvino_is_one_line(tmp_
 
 @pytest.mark.slow
 @needs_fashion
-def test_int8_features_keep_fp32_accuracy_on_fashion_mnist(cache_dir, tmp_path):
+def test_int8_features_keep_fp32_accuracy_on_fashion_mnist(cache_dir, tmp_path, capfd):
     from sklearn.linear_model import LogisticRegression
     from sklearn.model_selection import cross_val_score
     from sklearn.pipeline import make_pipeline
@@ -176,6 +176,9 @@ def test_int8_features_keep_fp32_accuracy_on_fashion_mnist(cache_dir, tmp_path):
         clf = make_pipeline(StandardScaler(), LogisticRegression(max_iter=300, C=0.5))
         scores[precision] = 100 * cross_val_score(clf, X, y, cv=5).mean()
     assert abs(scores["int8"] - scores["fp32"]) <= 0.5, scores
+    out, err = capfd.readouterr()  # NNCF's progress bars and torch's CUDA notice stay out of tlfx's output
+    for noise in ("Statistics collection", "Bias correction", "No CUDA runtime"):
+        assert noise not in out + err, (noise, out[-500:], err[-500:])
 
     # predict rebuilds the INT8 network from the cache; without it there is nothing to calibrate on: one line
     model = tmp_path / "int8.tlfx"

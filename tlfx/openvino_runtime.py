@@ -15,7 +15,9 @@ match (a crash, a full disk, an edit) is removed and rebuilt, never loaded.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import logging
 import os
@@ -202,9 +204,25 @@ def quantize(model, batches: list[np.ndarray], seed: int):
         raise TlfxError("--precision int8 needs calibration images, but none of the first ones could be read")
     torch.manual_seed(seed)
     np.random.seed(seed)
-    nncf.set_log_level(logging.ERROR)  # no progress bars or notices in the middle of tlfx's own output
-    return nncf.quantize(model, nncf.Dataset(items), subset_size=len(items), preset=nncf.QuantizationPreset.MIXED,
-                         fast_bias_correction=QUANTIZATION["fast_bias_correction"])
+    nncf.set_log_level(logging.ERROR)
+    with _quiet():
+        return nncf.quantize(model, nncf.Dataset(items), subset_size=len(items),
+                             preset=nncf.QuantizationPreset.MIXED,
+                             fast_bias_correction=QUANTIZATION["fast_bias_correction"])
+
+
+@contextlib.contextmanager
+def _quiet():
+    """Keep NNCF's own output out of tlfx's: its progress bars (rich, written to sys.stdout whatever its log level)
+    and torch's "No CUDA runtime is found" notice, logged when NNCF's torch backend loads on a CPU machine."""
+    cpp = logging.getLogger("torch.utils.cpp_extension")
+    level = cpp.level
+    cpp.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        cpp.setLevel(level)
 
 
 class OpenVINOFeatures:
