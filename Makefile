@@ -31,8 +31,13 @@ data:
 demo: setup data
 	$(BIN)/tlfx demo
 
+# Test files are spread over one worker process per core (at most 4; pytest-xdist), a whole file per worker so
+# that module fixtures are built once; about half the wall time of one process on 2 cores. TEST_WORKERS=0: serial.
+TEST_WORKERS ?= auto
+XDIST = $(if $(filter 0,$(TEST_WORKERS)),-p no:xdist,-n $(TEST_WORKERS) --maxprocesses 4 --dist loadfile)
+
 test: setup data
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q $(XDIST)
 
 # pytest exits 5 when no test is selected: not a failure for the slow lane
 test-slow: setup
