@@ -322,3 +322,36 @@ def test_a_store_planted_under_a_cache_name_is_never_reused(tmp_path):
     with pytest.raises(TlfxError, match="image_size"):
         sweep("digits", "pixels_grey", "penultimate", "knn", str(tmp_path / "b"),
               opts=SweepOptions(image_size=32, limit=40, test_limit=20), **kw)
+
+
+GRID_PROBE = """<script>
+window.addEventListener('load', function () {
+  var out = [];
+  document.querySelectorAll('#grid-table tr').forEach(function (tr) {
+    var row = [];
+    tr.querySelectorAll('th,td').forEach(function (c) { row.push(getComputedStyle(c).textAlign); });
+    out.push(row);
+  });
+  var pre = document.createElement('pre');
+  pre.id = 'probe';
+  pre.textContent = JSON.stringify(out);
+  document.body.appendChild(pre);
+});
+</script>"""
+
+
+def test_grid_headers_line_up_with_their_cells_in_a_browser(sweep_run, tmp_path):
+    import re
+
+    from test_report_browser import CHROMIUM, chromium
+
+    if not os.path.exists(CHROMIUM):
+        pytest.skip("headless Chromium missing: apt-get install chromium (.ci/run installs it)")
+    out, _, _ = sweep_run
+    page = tmp_path / "probe.html"  # a copy with a probe: the report itself has no JavaScript
+    page.write_text((out / "report.html").read_text().replace("</body>", GRID_PROBE + "</body>"))
+    dom = chromium(tmp_path, "--virtual-time-budget=10000", "--dump-dom", page.as_uri())
+    rows = json.loads(re.search(r'<pre id="probe">(.*?)</pre>', dom, re.S).group(1).replace("&quot;", '"'))
+    head, body = rows[0], rows[1:]
+    assert len(body) == 2 and head[0] == "left" and set(head[1:]) == {"center"}, rows
+    assert all(r == head for r in body), rows

@@ -19,7 +19,8 @@ from .html import CSS, _fmt_bytes, _fmt_s, data_uri
 from .html import _num as _hnum
 
 SWEEP_CSS = CSS + """
-table.grid td{text-align:center}table.grid td.l{text-align:left}table.grid td.best{background:#eaf6ec;font-weight:600}
+table.grid td,table.grid th{text-align:center}table.grid td.l,table.grid th.l{text-align:left}
+table.grid td.best{background:#eaf6ec;font-weight:600}
 ul.paired li{margin:4px 0}
 """
 
