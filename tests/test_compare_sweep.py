@@ -355,3 +355,35 @@ def test_grid_headers_line_up_with_their_cells_in_a_browser(sweep_run, tmp_path)
     head, body = rows[0], rows[1:]
     assert len(body) == 2 and head[0] == "left" and set(head[1:]) == {"center"}, rows
     assert all(r == head for r in body), rows
+
+
+def _runtime_sweep_args(tmp_path):
+    return ["--data", "digits", "--backbones", "efficientnet_lite0", "--heads", "knn", "--image-size", "32",
+            "--limit", "60", "--test-limit", "30", "--learning-curve", "none", "--bootstrap", "50", "--gallery", "0",
+            "--quiet", "--cache", tmp_path / "stores"]
+
+
+def test_sweep_refuses_int8_on_torch_in_one_line_before_extracting(tmp_path):
+    proc = run_cli("compare", *_runtime_sweep_args(tmp_path), "--runtime", "torch", "--precision", "int8",
+                   "--out", tmp_path / "out")
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 2 and len(lines) == 1 and "--precision int8" in lines[0], lines
+    assert not (tmp_path / "stores").exists() and not (tmp_path / "out").exists()
+
+
+@pytest.mark.slow
+def test_sweep_runtime_is_a_choice_recorded_in_every_store(tmp_path):
+    pytest.importorskip("openvino")
+    from tlfx.store import FeatureStore
+
+    env = {"TLFX_CACHE_DIR": str(tmp_path / "cache")}
+    args = [*_runtime_sweep_args(tmp_path), "--precision", "fp32"]
+    for runtime in ("openvino", "torch"):
+        proc = run_cli("compare", *args, "--runtime", runtime, "--out", tmp_path / runtime, env=env)
+        assert proc.returncode == 0, proc.stderr
+        rep = json.loads((tmp_path / runtime / "report.json").read_text())
+        assert [c["runtime"] for c in rep["configs"]] == [runtime]
+    stores = _stores(tmp_path / "stores")
+    assert len(stores) == 4, stores  # the OpenVINO stores are not reused for torch: features differ
+    assert sorted(FeatureStore(str(tmp_path / "stores" / s)).attrs["runtime"] for s in stores) == \
+        ["openvino", "openvino", "torch", "torch"]

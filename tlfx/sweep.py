@@ -32,7 +32,7 @@ from .errors import TlfxError
 from .safetext import terminal
 
 KEY_VERSION = 1  # bump when the meaning of a cache key changes: old stores are then simply not found
-SWEEP_PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+SWEEP_PRECISIONS = ("auto", "fp32", "bf16", "fp16", "int8")
 
 
 def parse_list(spec, what: str) -> list[str]:
@@ -60,7 +60,7 @@ class SweepOptions:
     pooling: str = "avg"
     image_size: int | None = None
     precision: str = "auto"
-    runtime: str = "torch"
+    runtime: str = "torch"  # the Python API's default, as for tlfx.extract; the command line's is auto
     device: str | None = None
     dtype: str = "float32"
     batch_size: int = 64
@@ -80,6 +80,10 @@ class SweepOptions:
 
         ExtractOptions(pooling=self.pooling, image_size=self.image_size, dtype=self.dtype, batch_size=self.batch_size,
                        workers=self.workers, runtime=self.runtime, part_size=self.part_size, tta=self.tta).validate()
+        from .openvino_runtime import resolve_runtime
+        from .runtime import pick_device
+
+        resolve_runtime(self.runtime, pick_device(self.device), self.precision)  # e.g. int8 without OpenVINO
         return self
 
 

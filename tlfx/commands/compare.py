@@ -2,7 +2,7 @@ import sys
 
 import click
 
-from ..config import POOLINGS, TTAS
+from ..config import POOLINGS, RUNTIMES, TTAS
 from ..engines import search_engine_options
 from ..errors import TlfxError
 from ..safetext import terminal
@@ -32,8 +32,11 @@ from ._trust import trust_options
 @click.option("--image-size", type=IMAGE_SIZE, default=None, metavar="PX",
               help="Sweep mode: input size for every backbone (default: each backbone's own).")
 @click.option("--pooling", type=click.Choice(POOLINGS), default="avg", show_default=True, help="Sweep mode: pooling.")
-@click.option("--precision", type=click.Choice(PRECISIONS), default="auto", show_default=True,
-              help="Sweep mode: compute precision of the backbones.")
+@click.option("--precision", type=click.Choice(PRECISIONS + ("int8",)), default="auto", show_default=True,
+              help="Sweep mode: compute precision of the backbones (int8: NNCF-quantized, OpenVINO runtime).")
+@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True, envvar="TLFX_RUNTIME",
+              help="Sweep mode: as tlfx extract's; auto: OpenVINO on a CPU when installed, torch on CUDA or without "
+                   "it. Also TLFX_RUNTIME.")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Sweep mode: batch size.")
 @click.option("--tta", type=click.Choice(TTAS), default="none", show_default=True,
               help="Sweep mode: test-time augmentation at extraction (flip: mean of an image's and its mirror's features).")
@@ -61,8 +64,8 @@ from ._trust import trust_options
 @normalize_option
 @search_engine_options
 def compare(train, test, data, backbones, layers, limit, test_limit, root, train_split, test_split, cache, image_size,
-            pooling, precision, batch_size, tta, device, heads, search, folds, baseline, finetune, learning_curve, n_boot,
-            seed, gallery, allow_incomplete, trust_types, trust_pickle, out, quiet, normalize, engine, address):
+            pooling, precision, runtime, batch_size, tta, device, heads, search, folds, baseline, finetune, learning_curve,
+            n_boot, seed, gallery, allow_incomplete, trust_types, trust_pickle, out, quiet, normalize, engine, address):
     """Compare heads (and a raw-pixel baseline, and fine-tuned models) on the same splits: quality beside cost.
 
     Writes DIR/report.html (one self-contained page), DIR/report.json (every number) and DIR/report.md.
@@ -107,9 +110,10 @@ def compare(train, test, data, backbones, layers, limit, test_limit, root, train
                             "stores itself")
         return _sweep(data, backbones, layers, heads or list_heads(), out, cache=cache, limit=limit,
                       test_limit=test_limit, root=root, train_split=train_split, test_split=test_split,
-                      image_size=image_size, pooling=pooling, precision=precision, batch_size=batch_size, tta=tta,
-                      device=device, search=search, folds=folds, learning_curve=learning_curve, n_boot=n_boot,
-                      seed=seed, gallery=gallery, quiet=quiet, engine=engine, address=address, normalize=normalize,
+                      image_size=image_size, pooling=pooling, precision=precision, runtime=runtime,
+                      batch_size=batch_size, tta=tta, device=device, search=search, folds=folds,
+                      learning_curve=learning_curve, n_boot=n_boot, seed=seed, gallery=gallery, quiet=quiet,
+                      engine=engine, address=address, normalize=normalize,
                       finetune=finetune, trust=(trust_types, trust_pickle))
     if train is None or test is None:
         raise TlfxError("compare needs --train F.h5 and --test T.h5 (store mode), or --data SPEC and --backbones "
@@ -133,13 +137,13 @@ def compare(train, test, data, backbones, layers, limit, test_limit, root, train
 
 
 def _sweep(data, backbones, layers, heads, out, *, cache, limit, test_limit, root, train_split, test_split,
-           image_size, pooling, precision, batch_size, tta, device, search, folds, learning_curve, n_boot, seed, gallery,
-           quiet, engine, address, normalize=None, finetune=(), trust=((), False)):
+           image_size, pooling, precision, runtime, batch_size, tta, device, search, folds, learning_curve, n_boot, seed,
+           gallery, quiet, engine, address, normalize=None, finetune=(), trust=((), False)):
     from ..sweep import SweepOptions, sweep
 
     opts = SweepOptions(data=data, root=root, limit=limit, test_limit=test_limit, train_split=train_split,
                         test_split=test_split, pooling=pooling, image_size=image_size, precision=precision,
-                        device=None if device == "auto" else device, batch_size=batch_size, tta=tta)
+                        runtime=runtime, device=None if device == "auto" else device, batch_size=batch_size, tta=tta)
     rep = sweep(data, backbones, layers, heads, out, cache=cache, opts=opts, search=search, folds=folds,
                 learning_curve=learning_curve, n_boot=n_boot, seed=seed, gallery=gallery, progress=not quiet,
                 engine=engine, address=address, argv=_argv(), normalize=normalize, finetune=finetune,
