@@ -42,12 +42,16 @@ def runtime_options(f, int8: bool = False):
     return f
 
 
+def runtime_option(help_prefix: str = ""):
+    """The extraction runtime, default auto (also TLFX_RUNTIME): ``tlfx extract`` and ``tlfx compare``'s sweep mode."""
+    return click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True, envvar="TLFX_RUNTIME",
+                        help=help_prefix + "auto: OpenVINO on a CPU when installed (pip install 'tlfx[openvino]'), "
+                                           "torch on CUDA or without it. Also TLFX_RUNTIME.")
+
+
 def extraction_runtime_option(f):
     """--runtime and an --precision that offers int8 (extraction only; fine-tuning stays torch)."""
-    f = runtime_options(f, int8=True)
-    return click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True, envvar="TLFX_RUNTIME",
-                        help="auto: OpenVINO on a CPU when installed (pip install 'tlfx[openvino]'), torch on CUDA "
-                             "or without it. Also TLFX_RUNTIME.")(f)
+    return runtime_option()(runtime_options(f, int8=True))
 
 
 NORMALIZE_HELP = ("Feature normalisation fitted on the training rows in front of the head and saved with it: none, l2, "

@@ -2,11 +2,11 @@ import sys
 
 import click
 
-from ..config import POOLINGS, RUNTIMES, TTAS
+from ..config import POOLINGS, TTAS
 from ..engines import search_engine_options
 from ..errors import TlfxError
 from ..safetext import terminal
-from ._options import IMAGE_SIZE, PRECISIONS, normalize_option
+from ._options import IMAGE_SIZE, PRECISIONS, normalize_option, runtime_option
 from ._trust import trust_options
 
 
@@ -34,9 +34,7 @@ from ._trust import trust_options
 @click.option("--pooling", type=click.Choice(POOLINGS), default="avg", show_default=True, help="Sweep mode: pooling.")
 @click.option("--precision", type=click.Choice(PRECISIONS + ("int8",)), default="auto", show_default=True,
               help="Sweep mode: compute precision of the backbones (int8: NNCF-quantized, OpenVINO runtime).")
-@click.option("--runtime", type=click.Choice(RUNTIMES), default="auto", show_default=True, envvar="TLFX_RUNTIME",
-              help="Sweep mode: as tlfx extract's; auto: OpenVINO on a CPU when installed, torch on CUDA or without "
-                   "it. Also TLFX_RUNTIME.")
+@runtime_option("Sweep mode: as tlfx extract's; ")
 @click.option("--batch-size", type=click.IntRange(min=1), default=64, show_default=True, help="Sweep mode: batch size.")
 @click.option("--tta", type=click.Choice(TTAS), default="none", show_default=True,
               help="Sweep mode: test-time augmentation at extraction (flip: mean of an image's and its mirror's features).")
